@@ -1,0 +1,42 @@
+# ditlab: two commands on a fresh machine — `make train` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: install train test test-slow lint bench clean
+
+install: $(STAMP) fashion-mnist
+
+# Re-installs only when the project's dependencies change.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# The offline default dataset (Debian package); installed when missing and we are root.
+.PHONY: fashion-mnist
+fashion-mnist:
+	@if [ ! -d $(FMNIST) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null; \
+	  else \
+	    echo "note: $(FMNIST) is missing; run 'sudo apt-get install dataset-fashion-mnist' for the default dataset"; \
+	  fi; \
+	fi
+
+train: install
+	$(PY) -m ditlab.train experiment=fmnist_cpu
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+lint: install
+	$(VENV)/bin/ruff check src tests
+
+clean:
+	rm -rf outputs multirun .pytest_cache

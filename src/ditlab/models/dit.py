@@ -1,0 +1,321 @@
+"""The DiT backbone (Peebles & Xie, "Scalable Diffusion Models with Transformers", 2023).
+
+A plain nn.Module: it maps (noisy latent, timestep, label) to the model output and knows nothing
+about the noise schedule. Parameter names and shapes follow the official implementation exactly,
+so an official checkpoint loads with ``load_state_dict(sd, strict=True)``:
+
+    x_embedder.proj.{weight,bias}      patchify conv
+    pos_embed                          frozen 2-D sin-cos table (a Parameter, so it is in the state_dict)
+    t_embedder.mlp.{0,2}.*             sinusoidal timestep features -> MLP
+    y_embedder.embedding_table.weight  num_classes + 1 rows; row num_classes is the null class
+    blocks.N.{attn.qkv,attn.proj,mlp.fc1,mlp.fc2,adaLN_modulation.1}.*
+    final_layer.{adaLN_modulation.1,linear}.*
+
+LayerNorms have no affine parameters (eps 1e-6): adaLN supplies shift and scale.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ditlab.diffusion.guidance import mix_guidance
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # x (N, T, D); shift, scale (N, D) broadcast over tokens
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+# --------------------------------------------------------------------------------------------
+# Embedders
+# --------------------------------------------------------------------------------------------
+
+
+class PatchEmbed(nn.Module):
+    """(N, C, H, W) -> (N, T, D) with a stride-p conv; T = (H / p) * (W / p)."""
+
+    def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        if input_size % patch_size != 0:
+            raise ValueError(
+                f"input_size={input_size} is not divisible by patch_size={patch_size}; "
+                "expected a latent size that is a multiple of the patch size"
+            )
+        self.patch_size = patch_size
+        self.grid_size = input_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # (N, D, H/p, W/p)
+        return x.flatten(2).transpose(1, 2)  # (N, T, D)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of (possibly fractional) timesteps, [cos, sin] order as in DiT/ADM."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]  # (N, half)
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, 2 * half)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t_freq = timestep_embedding(t, self.frequency_embedding_size)  # (N, 256) float32
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (N, D)
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> vectors. The extra row ``num_classes`` is the null label that classifier-free
+    guidance uses; in training a label is replaced by it with probability ``dropout_prob``."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        use_null_class = dropout_prob > 0
+        self.embedding_table = nn.Embedding(num_classes + use_null_class, hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if force_drop_ids is None:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop = force_drop_ids == 1
+        return torch.where(drop, self.num_classes, labels)
+
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None):
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)  # (N, D)
+
+
+# --------------------------------------------------------------------------------------------
+# Transformer
+# --------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (official key names).
+
+    Goes through ``F.scaled_dot_product_attention`` so CUDA picks the flash / memory-efficient
+    kernels; numerically it is softmax(q k^T / sqrt(d)) v.
+    """
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"hidden_size={dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, self.head_dim)  # (N, T, 3, H, Dh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, T, Dh)
+        x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, Dh)
+        x = x.transpose(1, 2).reshape(n, t, d)  # (N, T, D)
+        return self.proj(x)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim, bias=True)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_dim, dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning: c gives shift, scale and a residual gate for
+    both the attention and the MLP branch. The gate starts at zero, so each block starts as identity."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        # x (N, T, D), c (N, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p * p * C_out)
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> torch.Tensor:
+    """MAE-style 2-D sin-cos table (grid_size**2, embed_dim), computed in float64 as the official
+    numpy code does; the first half of the channels encodes the row, the second the column."""
+    if embed_dim % 4 != 0:
+        raise ValueError(f"hidden_size={embed_dim} must be a multiple of 4 for the 2-D sin-cos embedding")
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    # meshgrid(w, h) as in MAE: grid[0] varies along columns, grid[1] along rows
+    grid_w, grid_h = torch.meshgrid(coords, coords, indexing="xy")
+
+    def embed_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
+        omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
+        omega = 1.0 / 10000**omega  # (dim/2,)
+        out = pos.reshape(-1)[:, None] * omega[None]  # (M, dim/2)
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # (M, dim)
+
+    return torch.cat([embed_1d(embed_dim // 2, grid_w), embed_1d(embed_dim // 2, grid_h)], dim=1)
+
+
+class DiT(nn.Module):
+    """Diffusion model with a Transformer backbone.
+
+    forward(x (N, C, H, W), t (N,), y (N,)) -> (N, 2C if learn_sigma else C, H, W); with
+    learn_sigma the first C channels are the predicted noise, the next C the variance interpolant.
+    """
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+    ):
+        super().__init__()
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.learn_sigma = learn_sigma
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # Fixed, not learned; a Parameter (not a buffer) only because official checkpoints store it so.
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        def _basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(_basic_init)
+        with torch.no_grad():
+            table = sincos_pos_embed_2d(self.pos_embed.shape[-1], self.x_embedder.grid_size)
+            self.pos_embed.copy_(table.float().unsqueeze(0))
+        # The patch conv is initialised like the nn.Linear it is equivalent to.
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity and the output starts at zero.
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        # (N, T, p * p * C) -> (N, C, H, W)
+        c, p, h = self.out_channels, self.patch_size, self.x_embedder.grid_size
+        x = x.reshape(x.shape[0], h, h, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, h * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = H * W / patch_size ** 2
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+        for block in self.blocks:
+            x = block(x, c)  # (N, T, D)
+        x = self.final_layer(x, c)  # (N, T, p * p * C_out)
+        return self.unpatchify(x)  # (N, C_out, H, W)
+
+    def forward_with_cfg(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        cfg_scale: float,
+        guided_channels: int | None = None,
+    ) -> torch.Tensor:
+        """Classifier-free guidance in one batched forward, with the official calling convention:
+        x, t, y hold the conditional half then the unconditional half (y = num_classes); only the
+        first half of x is used. ``guided_channels=None`` guides every latent channel;
+        ``guided_channels=3`` reproduces the official code, which guided only the first 3."""
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half], dim=0), t, y)  # (2N, C_out, H, W)
+        g = self.in_channels if guided_channels is None else guided_channels
+        cond, uncond = out[:, :g].chunk(2, dim=0)  # each (N, g, H, W)
+        guided = mix_guidance(cond, uncond, cfg_scale)
+        # Unguided channels (and the variance channels) keep each half's own output, as officially.
+        return torch.cat([torch.cat([guided, guided], dim=0), out[:, g:]], dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# The paper's configurations
+# --------------------------------------------------------------------------------------------
+
+# name -> (depth, hidden_size, num_heads)
+DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+DIT_CONFIGS = {
+    f"DiT-{size}/{patch}": dict(depth=d, hidden_size=h, num_heads=nh, patch_size=patch)
+    for size, (d, h, nh) in DIT_SIZES.items()
+    for patch in (2, 4, 8)
+}
+
+
+def dit_config(name: str) -> dict:
+    if name not in DIT_CONFIGS:
+        raise ValueError(f"unknown DiT config {name!r}; expected one of {sorted(DIT_CONFIGS)}")
+    return dict(DIT_CONFIGS[name])
+
+
+def build_dit(name: str, **kwargs) -> DiT:
+    """``build_dit("DiT-XL/2", input_size=32)``: a paper config by name; kwargs override it."""
+    return DiT(**{**dit_config(name), **kwargs})

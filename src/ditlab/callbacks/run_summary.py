@@ -1,0 +1,37 @@
+"""Writes the run's final metrics to ``metrics.json`` in the run dir (atomically)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from lightning import Callback
+from lightning.pytorch.utilities import rank_zero_only
+
+
+class RunSummary(Callback):
+    def __init__(self, path: str):
+        self.path = Path(path)
+        self._start = time.time()
+
+    def on_fit_start(self, trainer, pl_module):
+        self._start = time.time()
+
+    @rank_zero_only
+    def on_train_end(self, trainer, pl_module):
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+        summary = {
+            "global_step": trainer.global_step,
+            "fit_seconds": round(time.time() - self._start, 1),
+            "ema_weights_used_for_samples": True,
+            "metrics": metrics,
+        }
+        for cb in trainer.callbacks:
+            if type(cb).__name__ == "Throughput":
+                summary["images_seen"] = cb.images_seen
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(self.path)

@@ -1,0 +1,81 @@
+"""A fixed grid of samples from the EMA weights: one row per class, same noise every time, so the
+grids of one run show the model's progress. Saved as PNG in the run dir and sent to the loggers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from lightning import Callback
+from lightning.pytorch.utilities import rank_zero_only
+from torchvision.utils import make_grid, save_image
+
+from ditlab.diffusion import CFGModel, Sampler
+
+
+class SampleGrid(Callback):
+    def __init__(self, out_dir: str, sampler: Sampler, every_n_steps: int = 1000, per_class: int = 8,
+                 max_classes: int = 10, cfg_scale: float = 1.0, guided_channels: int | None = None,
+                 seed: int = 0, at_end: bool = True):
+        self.out_dir = Path(out_dir)
+        self.sampler = sampler
+        self.every_n_steps = every_n_steps
+        self.per_class = per_class
+        self.max_classes = max_classes
+        self.cfg_scale = cfg_scale
+        self.guided_channels = guided_channels
+        self.seed = seed
+        self.at_end = at_end
+        self._codec = None
+        self.last_path: Path | None = None
+
+    def on_fit_start(self, trainer, pl_module):
+        self.sampler.check(pl_module.objective)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and not trainer.fit_loop._should_accumulate():
+            self.make_grid(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.at_end:
+            self.make_grid(trainer, pl_module)
+
+    @rank_zero_only
+    @torch.no_grad()
+    def make_grid(self, trainer, pl_module) -> Path:
+        from ditlab.vae import codec_from_meta
+
+        dm = trainer.datamodule
+        if self._codec is None:
+            self._codec = codec_from_meta(dm.meta, dm.path)
+        net = pl_module.ema.net
+        device = pl_module.device
+        num_classes = min(dm.num_classes, self.max_classes)
+        labels = torch.arange(num_classes, device=device).repeat_interleave(self.per_class)  # one row per class
+        generator = torch.Generator().manual_seed(self.seed)
+        noise = torch.randn(len(labels), *dm.latent_shape, generator=generator).to(device)
+        model = CFGModel(net, self.cfg_scale, null_label=dm.num_classes, in_channels=dm.channels,
+                         guided_channels=self.guided_channels)
+        latents = self.sampler(model, pl_module.objective, noise, labels,
+                               generator=torch.Generator(device=device).manual_seed(self.seed))
+        images = self._codec.to(device).decode(latents).float().clamp(-1, 1).cpu()
+        grid = make_grid((images + 1) / 2, nrow=self.per_class, padding=2, pad_value=1.0)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"step_{trainer.global_step:07d}.png"
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+        save_image(grid, tmp)
+        tmp.replace(path)
+        self.last_path = path
+        for logger in trainer.loggers:
+            _log_image(logger, grid, trainer.global_step)
+        return path
+
+
+def _log_image(logger, grid: torch.Tensor, step: int) -> None:
+    name = type(logger).__name__
+    if name == "WandbLogger":
+        logger.log_image(key="samples/grid", images=[grid], step=step, caption=["EMA, one row per class"])
+    elif name == "TensorBoardLogger":
+        logger.experiment.add_image("samples/grid", grid, step)

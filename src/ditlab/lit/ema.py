@@ -1,0 +1,55 @@
+"""Exponential moving average of a network's weights, as a small module with a state_dict.
+
+Explicit about what is averaged: trainable parameters only. Frozen parameters (DiT's fixed
+``pos_embed``) and buffers are copied, not averaged: averaging a constant is a no-op at best and
+silently wrong if it ever changes (the official DiT averaged pos_embed and ignored buffers).
+The copy is kept in fp32 whatever precision training runs in.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+
+class EMA(nn.Module):
+    def __init__(self, net: nn.Module, decay: float = 0.9999, warmup: bool = False):
+        super().__init__()
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"ema decay={decay} must be in [0, 1)")
+        self.decay = decay
+        self.warmup = warmup
+        self.net = copy.deepcopy(net).float().eval().requires_grad_(False)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    def current_decay(self) -> float:
+        # With warm-up the average forgets its random start quickly: min(decay, (1 + n) / (10 + n)).
+        if not self.warmup:
+            return self.decay
+        n = int(self.num_updates)
+        return min(self.decay, (1 + n) / (10 + n))
+
+    @torch.no_grad()
+    def update(self, net: nn.Module) -> None:
+        decay = self.current_decay()
+        ema_params, params = [], []
+        for (name, p), (ema_name, ema_p) in zip(net.named_parameters(), self.net.named_parameters()):
+            assert name == ema_name
+            if p.requires_grad:
+                ema_params.append(ema_p)
+                params.append(p.detach().to(ema_p.dtype))
+            else:
+                ema_p.copy_(p)
+        if ema_params:
+            torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # ema += (1 - decay) * (p - ema)
+        for b, ema_b in zip(net.buffers(), self.net.buffers()):
+            ema_b.copy_(b)
+        self.num_updates += 1
+
+    def train(self, mode: bool = True):
+        # The averaged copy always stays in eval mode (no label dropout when it samples).
+        super().train(mode)
+        self.net.eval()
+        return self

@@ -1,0 +1,109 @@
+"""``python -m ditlab.train``: compose the config, build everything with ``_target_``, fit.
+
+Everything that can be wrong with a config is checked before anything is written: a bad override
+exits with one line and leaves no run dir and no checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("ditlab.train")
+
+
+class ConfigError(ValueError):
+    """A problem with the configuration, reported as one line."""
+
+
+def build(cfg: DictConfig):
+    """Instantiate and cross-check everything a run needs. Raises ConfigError on a bad config."""
+    from ditlab.data.shards import META_FILE
+    from ditlab.prepare import prepare
+
+    prepared = Path(cfg.data.prepared_dir)
+    if not (prepared / META_FILE).is_file():
+        if not cfg.prepare_if_missing:
+            raise ConfigError(f"no prepared data at {prepared}; run python -m ditlab.prepare data={cfg.data.name} "
+                              f"vae={cfg.vae.name} (or set prepare_if_missing=true)")
+        log.info(f"{prepared} is not prepared yet: preparing it first")
+        prepare(cfg)
+    try:
+        datamodule = instantiate(cfg.data.module)
+        m = cfg.model
+        datamodule.check_model(m.input_size, m.in_channels, m.patch_size, m.num_classes)
+        net = instantiate(cfg.model)
+        objective = instantiate(cfg.diffusion.objective)
+        sampler = instantiate(cfg.sampler)
+        sampler.check(objective)
+        if getattr(objective, "learn_sigma", False) != net.learn_sigma:
+            raise ValueError(f"model.learn_sigma={net.learn_sigma} does not fit the {cfg.diffusion.objective._target_}"
+                             " objective; leave it at ${diffusion.learn_sigma}")
+        module = instantiate(cfg.module, net=net, objective=objective,
+                             optimizer=instantiate(cfg.optim.optimizer),
+                             scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        raise ConfigError(str(cause).strip().splitlines()[0]) from err
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise ConfigError(str(err).strip().splitlines()[0]) from err
+    module.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    return datamodule, module
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        last = output_dir / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            return str(last)
+        log.info(f"ckpt_path=last: no {last} yet, starting from scratch")
+        return None
+    if not Path(ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path!r} does not exist; expected 'last' or a .ckpt file")
+    return ckpt_path
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fit a run from a composed config; returns the final callback metrics."""
+    import lightning as L
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
+    datamodule, module = build(cfg)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    loggers = [instantiate(c) for c in cfg.logger.values() if c is not None] if cfg.get("logger") else False
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    n_params = sum(p.numel() for p in module.net.parameters())
+    log.info(f"DiT with {n_params / 1e6:.2f}M parameters; output in {output_dir}")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).parent / "conf"), config_name="train")
+def main(cfg: DictConfig) -> None:
+    try:
+        train(cfg)
+    except ConfigError as err:
+        # Nothing was trained: remove what Hydra created for this run, then one line and a non-zero exit.
+        output_dir = Path(HydraConfig.get().runtime.output_dir)
+        if output_dir.is_dir() and not (output_dir / "checkpoints").exists():
+            shutil.rmtree(output_dir, ignore_errors=True)
+        print(f"ditlab.train: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Shared test helpers: tiny image folders and composed configs (the real conf/, tiny overrides)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "src" / "ditlab" / "conf")
+
+
+def make_image_folder(root: Path, classes=("cat", "dog", "fox"), per_class: int = 10, size=(20, 24),
+                      corrupt: bool = True, seed: int = 0) -> Path:
+    """Small RGB PNGs, one sub-folder per class; each class has its own mean colour."""
+    rng = np.random.default_rng(seed)
+    for k, cls in enumerate(classes):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            base = np.array([60 * k, 255 - 60 * k, 128], dtype=np.float64)
+            arr = np.clip(base + rng.normal(0, 40, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / cls / f"{i:03d}.png")
+    if corrupt:
+        (root / classes[0] / "broken.png").write_bytes(b"\x89PNG this is not an image")
+    return root
+
+
+def compose_cfg(config_name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides, return_hydra_config=False)

@@ -1,0 +1,200 @@
+"""prepare (images -> latent shards) and the streaming LatentDataModule."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import open_dict
+
+from ditlab.data.datamodule import LatentDataModule, latents_from_block
+from ditlab.data.shards import ShardWriter
+from ditlab.data.sources import FashionMNIST, ImageFolder
+from ditlab.data.transforms import center_crop_arr
+from ditlab.prepare import prepare
+from ditlab.vae import PretrainedVAE, codec_from_meta, reconstruction_psnr, small_autoencoder
+from helpers import compose_cfg, make_image_folder
+
+
+def prepare_cfg(tmp_path, folder, vae="identity", extra=()):
+    cfg = compose_cfg("prepare", [
+        "data=folder", f"data.source.root={folder}", "data.source.image_size=16", "data.source.val_fraction=0.2",
+        f"vae={vae}", f"data.prepared_dir={tmp_path / 'prepared'}", "num_workers=0", "progress=false",
+        "batch_size=8", *extra,
+    ])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    return cfg
+
+
+def read_items(split_dir):
+    from litdata import StreamingDataset
+
+    ds = StreamingDataset(str(split_dir), shuffle=False)
+    return [ds[i] for i in range(len(ds))]
+
+
+def test_prepare_image_folder_identity(tmp_path):
+    folder = make_image_folder(tmp_path / "images")
+    out = prepare(prepare_cfg(tmp_path, folder))
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["classes"] == ["cat", "dog", "fox"] and meta["num_classes"] == 3
+    assert meta["latent_shape"] == [3, 16, 16] and meta["latent_format"] == "sample"
+    # 10 good files per class, every 5th held out; the broken file is skipped and named
+    assert meta["splits"]["train"]["count"] == 24 and meta["splits"]["val"]["count"] == 6
+    assert meta["splits"]["train"]["per_class"] == {"0": 8, "1": 8, "2": 8}
+    skipped = meta["splits"]["train"]["skipped"] + meta["splits"]["val"]["skipped"]
+    assert skipped == ["cat/broken.png"]
+    items = read_items(out / "train")
+    assert sorted(int(it["label"]) for it in items) == [0] * 8 + [1] * 8 + [2] * 8
+    latent = items[0]["latent"]  # (2, 1, 3, 16, 16): image and its flip
+    assert latent.shape == (2, 1, 3, 16, 16) and latent.dtype == np.float16
+    assert np.array_equal(latent[1], latent[0][..., ::-1])
+    # the stored image is the ADM-preprocessed file in [-1, 1]
+    first = ImageFolder(str(folder), "train", 16, 0.2)[0][0].numpy().astype(np.float16)
+    assert np.array_equal(latent[0, 0], first)
+
+
+def test_prepare_rerun_skips_finished_work(tmp_path, caplog):
+    folder = make_image_folder(tmp_path / "images", corrupt=False)
+    cfg = prepare_cfg(tmp_path, folder)
+    out = prepare(cfg)
+    index_mtime = (out / "train" / "index.json").stat().st_mtime_ns
+    (out / "meta.json").unlink()  # as if interrupted after the splits were written
+    with caplog.at_level("INFO", logger="ditlab.prepare"):
+        prepare(cfg)
+    assert "train: already written, skipped" in caplog.text
+    assert (out / "train" / "index.json").stat().st_mtime_ns == index_mtime
+    assert json.loads((out / "meta.json").read_text())["splits"]["train"]["count"] == 24
+    caplog.clear()
+    with caplog.at_level("INFO", logger="ditlab.prepare"):
+        prepare(cfg)
+    assert "already prepared" in caplog.text
+
+
+def test_prepare_small_kl_vae_trains_saves_and_reloads(tmp_path):
+    folder = make_image_folder(tmp_path / "images", corrupt=False, per_class=6)
+    cfg = prepare_cfg(tmp_path, folder, vae="small_kl", extra=[
+        "vae.codec.train_seconds=20", "vae.codec.max_steps=3", "vae.codec.batch_size=4",
+        "vae.codec.block_out_channels=[8,8]", "vae.codec.norm_num_groups=4", "vae.codec.scale_samples=8"])
+    out = prepare(cfg)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["latent_format"] == "posterior" and meta["latent_shape"] == [4, 8, 8]
+    assert (out / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    assert meta["vae"]["kind"] == "small_kl" and meta["vae"]["scale_factor"] > 0
+    items = read_items(out / "train")
+    assert items[0]["latent"].shape == (2, 2, 4, 8, 8)  # [image, flip] x [mean, std]
+    assert (items[0]["latent"][:, 1] > 0).all()  # std
+    codec = codec_from_meta(meta, out)
+    assert codec.decode(torch.zeros(2, 4, 8, 8)).shape == (2, 3, 16, 16)
+
+
+def test_shard_writers_of_two_ranks_use_distinct_files_and_merge(tmp_path):
+    split = tmp_path / "train"
+    w1, w0 = ShardWriter(split, rank=1, world_size=2), ShardWriter(split, rank=0, world_size=2)
+    for i in range(5):
+        w0.add(np.full((2, 1, 1, 2, 2), i, np.float16), 0)
+        w1.add(np.full((2, 1, 1, 2, 2), 10 + i, np.float16), 1)
+    w1.finish()
+    names = sorted(p.name for p in (tmp_path / "train.tmp").iterdir())
+    assert names == ["1.index.json", "chunk-1-0.bin"]
+    w0.finish()
+    assert not (tmp_path / "train.tmp").exists()
+    values = sorted(int(it["latent"].flat[0]) for it in read_items(split))
+    assert values == [0, 1, 2, 3, 4, 10, 11, 12, 13, 14]
+
+
+def test_missing_fashion_mnist_names_where_and_how(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        FashionMNIST(root=str(tmp_path))
+
+
+def test_center_crop_arr_matches_adm():
+    from PIL import Image
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (600, 900, 3), dtype=np.uint8))
+    out = center_crop_arr(img, 256)
+    assert out.shape == (256, 256, 3)
+    # ADM: BOX-halve 900x600 -> 450x300 (300 < 512 stops), BICUBIC to 384x256, centre crop
+    half = img.resize((450, 300), resample=Image.BOX).resize((384, 256), resample=Image.BICUBIC)
+    assert np.array_equal(out, np.array(half)[:, 64:320])
+
+
+def test_latents_from_block_flip_posterior_scale():
+    mean = torch.randn(4, 3, 2, 2)
+    block = torch.stack([torch.stack([mean, torch.zeros_like(mean)], 1),
+                         torch.stack([mean.flip(-1), torch.zeros_like(mean)], 1)], 1)  # (4, 2, 2, 3, 2, 2)
+    z = latents_from_block(block, 0.5, torch.Generator().manual_seed(0))
+    for i in range(4):  # std 0: each row is the image or its flip, scaled
+        assert torch.equal(z[i], 0.5 * mean[i]) or torch.equal(z[i], 0.5 * mean[i].flip(-1))
+    block[:, :, 1] = 1.0  # std 1: samples differ from the mean
+    z2 = latents_from_block(block, 1.0, torch.Generator().manual_seed(0), flip=False)
+    assert (z2 - mean).abs().mean() > 0.3
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("dm")
+    folder = make_image_folder(tmp_path / "images", corrupt=False, per_class=20)
+    return prepare(prepare_cfg(tmp_path, folder))
+
+
+def test_datamodule_batches_and_model_checks(prepared):
+    dm = LatentDataModule(str(prepared), batch_size=8, num_workers=0)
+    assert dm.latent_shape == (3, 16, 16) and dm.num_classes == 3 and dm.scale_factor == 1.0
+    batch = next(iter(dm.train_dataloader()))
+    latents, labels = dm.to_model_batch(batch, torch.Generator().manual_seed(0))
+    assert latents.shape == (8, 3, 16, 16) and latents.dtype == torch.float32 and labels.dtype == torch.long
+    dm.check_model(16, 3, 2, 3)
+    with pytest.raises(ValueError, match="model.in_channels=4 but the latents .* have 3 channels"):
+        dm.check_model(16, 4, 2, 3)
+    with pytest.raises(ValueError, match="model.patch_size=3 does not divide the latent size 16"):
+        dm.check_model(16, 3, 3, 3)
+    with pytest.raises(ValueError, match="model.num_classes=1000 but .* has 3 classes"):
+        dm.check_model(16, 3, 2, 1000)
+
+
+def test_datamodule_two_ranks_see_disjoint_samples(prepared):
+    from litdata.utilities.env import _DistributedEnv
+
+    seen = []
+    for rank in range(2):
+        dm = LatentDataModule(str(prepared), batch_size=4, num_workers=0, drop_last=False)
+        dm.setup("fit")
+        dm.train_set.distributed_env = _DistributedEnv(world_size=2, global_rank=rank, num_nodes=1)
+        keys = {bytes(np.asarray(b)) for batch in dm.train_dataloader() for b in batch["latent"].numpy()}
+        seen.append(keys)
+    assert len(seen[0]) > 0 and len(seen[1]) > 0
+    assert not seen[0] & seen[1]
+    assert len(seen[0] | seen[1]) == 48
+
+
+def test_pretrained_vae_loads_from_local_dir(tmp_path):
+    ae = small_autoencoder(image_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
+                           sample_size=16)
+    ae.save_pretrained(tmp_path / "vae")
+    vae = PretrainedVAE(str(tmp_path / "vae"), scale_factor=0.5)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    mean, std = vae.encode(x)
+    assert mean.shape == (2, 4, 8, 8) and (std > 0).all()
+    expected = ae.decode(mean).sample
+    assert torch.allclose(vae.decode(mean * 0.5), expected, atol=1e-5)
+    with pytest.raises(RuntimeError, match="set vae.path=<local directory"):
+        PretrainedVAE(str(tmp_path / "missing"))
+
+
+@pytest.mark.slow
+def test_default_small_vae_reconstructs_fashion_mnist():
+    """The `make train` VAE (data/fashion_mnist-small_kl, prepared by make train or here)."""
+    from pathlib import Path
+
+    prepared = Path("data/fashion_mnist-small_kl")
+    if not (prepared / "meta.json").is_file():
+        cfg = compose_cfg("prepare", ["progress=false"])
+        with open_dict(cfg):
+            cfg.paths.output_dir = "outputs/prepare/test"
+        prepare(cfg)
+    meta = json.loads((prepared / "meta.json").read_text())
+    codec = codec_from_meta(meta, prepared)
+    psnr = reconstruction_psnr(codec, FashionMNIST(split="val"), count=1000)
+    assert psnr > 19.0

@@ -1,0 +1,166 @@
+"""ditlab.train end to end on tiny configs: composition, a short run, resume, DDP, bad input."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+from ditlab.prepare import prepare
+from ditlab.train import ConfigError, build, train
+from helpers import CONF_DIR, compose_cfg, make_image_folder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """Identity-VAE latents of a tiny 3-class image folder: (3, 8, 8) 'latents'."""
+    tmp = tmp_path_factory.mktemp("prepared")
+    folder = make_image_folder(tmp / "images", per_class=16, size=(8, 8), corrupt=False)
+    cfg = compose_cfg("prepare", [
+        "data=folder", f"data.source.root={folder}", "data.source.image_size=8", "data.source.val_fraction=0.25",
+        "vae=identity", f"data.prepared_dir={tmp / 'latents'}", "num_workers=0", "progress=false"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp)
+    return prepare(cfg)
+
+
+def tiny_overrides(prepared, root, steps=4, extra=()):
+    return [
+        "data=folder", f"data.prepared_dir={prepared}", "data.module.batch_size=8", "data.module.num_workers=0",
+        "model=dit_tiny", "model.in_channels=3", "model.num_classes=3", "model.input_size=8",
+        "sampler=ddim50", "sampler.steps=4", "callbacks=minimal", "callbacks.sample_grid.per_class=2",
+        "callbacks.sample_grid.every_n_steps=0", "logger=csv", f"trainer.max_steps={steps}",
+        "trainer.log_every_n_steps=1", "callbacks.progress.refresh_rate=0", f"paths.root_dir={root}",
+        "prepare_if_missing=false", "callbacks.throughput.window_steps=2", *extra,
+    ]
+
+
+def compose_run(prepared, out_dir, steps=4, extra=()):
+    cfg = compose_cfg("train", tiny_overrides(prepared, out_dir.parent, steps, extra))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out_dir)
+    return cfg
+
+
+def config_options(group):
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("model", config_options("model"))
+def test_every_model_config_composes_and_instantiates(model):
+    cfg = compose_cfg("train", [f"model={model}"])
+    with torch.device("meta"):
+        net = instantiate(cfg.model)
+    assert net.learn_sigma is True
+
+
+@pytest.mark.parametrize("group", ["diffusion", "sampler", "optim", "trainer", "callbacks", "logger", "data", "vae",
+                                   "experiment"])
+def test_every_other_config_composes(group, tmp_path):
+    for option in config_options(group):
+        cfg = compose_cfg("train", [f"{group}={option}", f"paths.root_dir={tmp_path}"])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "run")
+        if group == "diffusion":
+            objective = instantiate(cfg.diffusion.objective)
+            instantiate(cfg.sampler).check(objective) if option == "ddpm" else None
+        elif group == "sampler":
+            instantiate(cfg.sampler)
+        elif group == "optim":
+            opt = instantiate(cfg.optim.optimizer)([torch.nn.Parameter(torch.zeros(1))])
+            instantiate(cfg.optim.scheduler)(opt)
+        elif group == "trainer" and option == "cpu":
+            instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+        elif group == "logger":
+            for name, logger_cfg in cfg.logger.items():
+                if name != "wandb":  # wandb starts a service process: covered by the run test below
+                    instantiate(logger_cfg)
+        elif group == "callbacks":
+            [instantiate(c) for c in cfg.callbacks.values()]
+        elif group == "vae" and option == "identity":
+            instantiate(cfg.vae.codec)
+
+
+def test_few_step_run_writes_checkpoint_grid_logs_and_metrics(prepared, tmp_path):
+    out = tmp_path / "run"
+    metrics = train(compose_run(prepared, out, steps=4))
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert (out / "samples" / "step_0000004.png").is_file()
+    assert "train/loss" in (out / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert (out / "metrics.json").is_file() and "train/loss" in metrics
+    # the checkpoint is plain state: loadable without unpickling code
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 4
+    assert any(k.startswith("ema.net.") for k in ckpt["state_dict"])
+    assert "model:" in ckpt["ditlab"]["config_yaml"]
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_resume_continues_exactly(prepared, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(compose_run(prepared, straight, steps=10))
+    train(compose_run(prepared, resumed, steps=5))
+    train(compose_run(prepared, resumed, steps=10, extra=["ckpt_path=last"]))
+    a, b = _weights(straight / "checkpoints" / "last.ckpt"), _weights(resumed / "checkpoints" / "last.ckpt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+
+
+def test_bad_configs_fail_before_training(prepared, tmp_path):
+    with pytest.raises(ConfigError, match="model.patch_size=3 does not divide the latent size 8"):
+        build(compose_run(prepared, tmp_path / "r", extra=["model.patch_size=3"]))
+    with pytest.raises(ConfigError, match="model.num_classes=1000 but .* has 3 classes"):
+        build(compose_run(prepared, tmp_path / "r", extra=["model.num_classes=1000"]))
+    with pytest.raises(ConfigError, match="unknown sampler 'fast'"):
+        build(compose_run(prepared, tmp_path / "r", extra=["sampler.name=fast"]))
+    with pytest.raises(ConfigError, match="flow matching supports"):
+        build(compose_run(prepared, tmp_path / "r", extra=["diffusion=flow", "sampler=dpmpp20"]))
+
+
+def run_cli(args, cwd, timeout=300):
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "ditlab.train", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_bad_override_exits_with_one_line_and_writes_nothing(prepared, tmp_path):
+    result = run_cli(tiny_overrides(prepared, tmp_path, extra=["model.patch_size=3"]), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "ditlab.train: error: model.patch_size=3 does not divide the latent size 8")
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs" / "train").iterdir())
+    unknown = run_cli(tiny_overrides(prepared, tmp_path, extra=["model=dit_q2"]), cwd=tmp_path)
+    assert unknown.returncode != 0 and "Could not find 'model/dit_q2'" in unknown.stderr
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs" / "train").iterdir())
+
+
+def test_cpu_ddp_two_processes_one_run_dir(prepared, tmp_path):
+    result = run_cli(tiny_overrides(prepared, tmp_path, steps=3, extra=[
+        "trainer.devices=2", "trainer.strategy=ddp", "run_name=ddp"]), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "outputs" / "train").iterdir())
+    assert [r.name for r in runs] == ["ddp"]
+    ckpt = torch.load(runs[0] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 3
+    assert ckpt["callbacks"]["Throughput"]["images_seen"] == 3 * 8 * 2  # both ranks' images counted
+
+
+def test_multirun_sweep_gives_one_dir_per_job(prepared, tmp_path):
+    result = run_cli(["-m", *tiny_overrides(prepared, tmp_path, steps=2), "optim.optimizer.lr=1e-4,2e-4"],
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p for p in (tmp_path / "multirun").glob("*/*") if p.is_dir())
+    assert len(jobs) == 2
+    for job, lr in zip(jobs, ["0.0001", "0.0002"]):
+        assert (job / "metrics.json").is_file() and (job / "checkpoints" / "last.ckpt").is_file()
+        assert f"lr: {lr}" in (job / ".hydra" / "config.yaml").read_text()

@@ -11,8 +11,9 @@ from PIL import Image
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "src" / "ditlab" / "conf")
 
 
-def make_image_folder(root: Path, classes=("cat", "dog", "fox"), per_class: int = 10, size=(20, 24),
-                      corrupt: bool = True, seed: int = 0) -> Path:
+def make_image_folder(
+    root: Path, classes=("cat", "dog", "fox"), per_class: int = 10, size=(20, 24), corrupt: bool = True, seed: int = 0
+) -> Path:
     """Small RGB PNGs, one sub-folder per class; each class has its own mean colour."""
     rng = np.random.default_rng(seed)
     for k, cls in enumerate(classes):

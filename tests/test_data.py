@@ -17,11 +17,22 @@ from helpers import compose_cfg, make_image_folder
 
 
 def prepare_cfg(tmp_path, folder, vae="identity", extra=()):
-    cfg = compose_cfg("prepare", [
-        "data=folder", f"data.source.root={folder}", "data.source.image_size=16", "data.source.val_fraction=0.2",
-        f"vae={vae}", f"data.prepared_dir={tmp_path / 'prepared'}", "num_workers=0", "progress=false",
-        "batch_size=8", *extra,
-    ])
+    cfg = compose_cfg(
+        "prepare",
+        [
+            "data=folder",
+            f"data.source.root={folder}",
+            "data.source.image_size=16",
+            "data.source.val_fraction=0.2",
+            f"vae={vae}",
+            f"data.prepared_dir={tmp_path / 'prepared'}",
+            "num_workers=0",
+            "progress=false",
+            "batch_size=8",
+            "data.reference.extractor=null",
+            *extra,
+        ],
+    )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
     return cfg
@@ -74,9 +85,19 @@ def test_prepare_rerun_skips_finished_work(tmp_path, caplog):
 
 def test_prepare_small_kl_vae_trains_saves_and_reloads(tmp_path):
     folder = make_image_folder(tmp_path / "images", corrupt=False, per_class=6)
-    cfg = prepare_cfg(tmp_path, folder, vae="small_kl", extra=[
-        "vae.codec.train_seconds=20", "vae.codec.max_steps=3", "vae.codec.batch_size=4",
-        "vae.codec.block_out_channels=[8,8]", "vae.codec.norm_num_groups=4", "vae.codec.scale_samples=8"])
+    cfg = prepare_cfg(
+        tmp_path,
+        folder,
+        vae="small_kl",
+        extra=[
+            "vae.codec.train_seconds=20",
+            "vae.codec.max_steps=3",
+            "vae.codec.batch_size=4",
+            "vae.codec.block_out_channels=[8,8]",
+            "vae.codec.norm_num_groups=4",
+            "vae.codec.scale_samples=8",
+        ],
+    )
     out = prepare(cfg)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["latent_format"] == "posterior" and meta["latent_shape"] == [4, 8, 8]
@@ -122,8 +143,9 @@ def test_center_crop_arr_matches_adm():
 
 def test_latents_from_block_flip_posterior_scale():
     mean = torch.randn(4, 3, 2, 2)
-    block = torch.stack([torch.stack([mean, torch.zeros_like(mean)], 1),
-                         torch.stack([mean.flip(-1), torch.zeros_like(mean)], 1)], 1)  # (4, 2, 2, 3, 2, 2)
+    block = torch.stack(
+        [torch.stack([mean, torch.zeros_like(mean)], 1), torch.stack([mean.flip(-1), torch.zeros_like(mean)], 1)], 1
+    )  # (4, 2, 2, 3, 2, 2)
     z = latents_from_block(block, 0.5, torch.Generator().manual_seed(0))
     for i in range(4):  # std 0: each row is the image or its flip, scaled
         assert torch.equal(z[i], 0.5 * mean[i]) or torch.equal(z[i], 0.5 * mean[i].flip(-1))
@@ -170,8 +192,9 @@ def test_datamodule_two_ranks_see_disjoint_samples(prepared):
 
 
 def test_pretrained_vae_loads_from_local_dir(tmp_path):
-    ae = small_autoencoder(image_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
-                           sample_size=16)
+    ae = small_autoencoder(
+        image_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4, sample_size=16
+    )
     ae.save_pretrained(tmp_path / "vae")
     vae = PretrainedVAE(str(tmp_path / "vae"), scale_factor=0.5)
     x = torch.rand(2, 3, 16, 16) * 2 - 1

@@ -43,8 +43,15 @@ def check_gaussian_samples(samples, rel=0.05):
 
 @pytest.mark.parametrize(
     "name,steps,learn_sigma,rel",
-    [("ddpm", 250, False, 0.03), ("ddpm", 250, True, 0.03), ("ddim", 50, False, 0.05), ("dpmpp", 20, False, 0.02),
-     ("unipc", 20, False, 0.02), ("euler", 50, False, 0.05), ("heun", 20, False, 0.03)],
+    [
+        ("ddpm", 250, False, 0.03),
+        ("ddpm", 250, True, 0.03),
+        ("ddim", 50, False, 0.05),
+        ("dpmpp", 20, False, 0.02),
+        ("unipc", 20, False, 0.02),
+        ("euler", 50, False, 0.05),
+        ("heun", 20, False, 0.03),
+    ],
 )
 def test_samplers_recover_gaussian_data(name, steps, learn_sigma, rel):
     diffusion = create_diffusion(learn_sigma=learn_sigma)
@@ -123,7 +130,9 @@ def test_vb_term_equals_independent_gaussian_kl():
 def test_vb_term_trains_only_the_variance():
     diffusion = create_diffusion(learn_sigma=True)
     out = torch.randn(4, 4, 2, 2, requires_grad=True)
-    terms = diffusion.training_losses(lambda x, t, y=None: out, torch.randn(4, 2, 2, 2), torch.tensor([3, 50, 500, 900]))
+    terms = diffusion.training_losses(
+        lambda x, t, y=None: out, torch.randn(4, 2, 2, 2), torch.tensor([3, 50, 500, 900])
+    )
     terms["vb"].sum().backward()
     assert torch.equal(out.grad[:, :2], torch.zeros(4, 2, 2, 2)) and out.grad[:, 2:].abs().sum() > 0
 
@@ -189,8 +198,9 @@ def test_cfg_wrapper_matches_model_forward_with_cfg_for_dit():
             p.normal_(0, 0.1)
     model.eval()
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([7, 7]), torch.tensor([1, 3])
-    official = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 5)]), 3.0,
-                                      guided_channels=3)
+    official = model.forward_with_cfg(
+        torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 5)]), 3.0, guided_channels=3
+    )
     wrapped = CFGModel(model, 3.0, null_label=5, in_channels=4, guided_channels=3)(x, t, y)
     assert torch.allclose(official[:2], wrapped, atol=1e-6)
 
@@ -199,8 +209,16 @@ def test_cfg_wrapper_matches_model_forward_with_cfg_for_dit():
 def test_tiny_dit_training_loss_falls(objective):
     torch.manual_seed(0)
     diffusion = create_diffusion(learn_sigma=True) if objective == "ddpm" else FlowMatching()
-    model = DiT(input_size=4, patch_size=2, in_channels=2, hidden_size=64, depth=2, num_heads=4, num_classes=2,
-                learn_sigma=objective == "ddpm")
+    model = DiT(
+        input_size=4,
+        patch_size=2,
+        in_channels=2,
+        hidden_size=64,
+        depth=2,
+        num_heads=4,
+        num_classes=2,
+        learn_sigma=objective == "ddpm",
+    )
     latents = torch.randn(8, 2, 4, 4)
     labels = torch.tensor([0, 1] * 4)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0)

@@ -12,10 +12,18 @@ from ditlab.models.official import infer_dit_kwargs, load_official_checkpoint
 
 # DiT paper, Table 4 ("Gflops" there are multiply-accumulates), 256x256 images = 32x32x4 latents.
 PAPER_GMACS = {
-    "DiT-S/8": 0.36, "DiT-S/4": 1.41, "DiT-S/2": 6.06,
-    "DiT-B/8": 1.42, "DiT-B/4": 5.56, "DiT-B/2": 23.01,
-    "DiT-L/8": 5.01, "DiT-L/4": 19.70, "DiT-L/2": 80.71,
-    "DiT-XL/8": 7.39, "DiT-XL/4": 29.05, "DiT-XL/2": 118.64,
+    "DiT-S/8": 0.36,
+    "DiT-S/4": 1.41,
+    "DiT-S/2": 6.06,
+    "DiT-B/8": 1.42,
+    "DiT-B/4": 5.56,
+    "DiT-B/2": 23.01,
+    "DiT-L/8": 5.01,
+    "DiT-L/4": 19.70,
+    "DiT-L/2": 80.71,
+    "DiT-XL/8": 7.39,
+    "DiT-XL/4": 29.05,
+    "DiT-XL/2": 118.64,
 }
 PAPER_PARAMS_M = {"DiT-S/2": 33, "DiT-B/2": 130, "DiT-L/2": 458, "DiT-XL/2": 675}
 
@@ -64,10 +72,18 @@ def test_output_is_zero_at_init_and_learn_sigma_false_has_c_channels():
 def test_official_state_dict_layout():
     sd = tiny().state_dict()
     assert "pos_embed" in sd and sd["y_embedder.embedding_table.weight"].shape == (11, 64)
-    for key in ["x_embedder.proj.weight", "t_embedder.mlp.0.weight", "t_embedder.mlp.2.bias",
-                "blocks.1.attn.qkv.weight", "blocks.1.attn.proj.bias", "blocks.1.mlp.fc1.weight",
-                "blocks.1.mlp.fc2.bias", "blocks.1.adaLN_modulation.1.weight",
-                "final_layer.adaLN_modulation.1.bias", "final_layer.linear.weight"]:
+    for key in [
+        "x_embedder.proj.weight",
+        "t_embedder.mlp.0.weight",
+        "t_embedder.mlp.2.bias",
+        "blocks.1.attn.qkv.weight",
+        "blocks.1.attn.proj.bias",
+        "blocks.1.mlp.fc1.weight",
+        "blocks.1.mlp.fc2.bias",
+        "blocks.1.adaLN_modulation.1.weight",
+        "final_layer.adaLN_modulation.1.bias",
+        "final_layer.linear.weight",
+    ]:
         assert key in sd, key
     assert not any("norm" in k for k in sd), "LayerNorms must have no parameters"
     assert tiny().pos_embed.requires_grad is False
@@ -148,16 +164,27 @@ def test_official_checkpoint_round_trip(tmp_path):
     import argparse
 
     ema = randomised(build_dit("DiT-S/8", input_size=16, num_classes=7))
-    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": {}, "args": argparse.Namespace(a=1)},
-               tmp_path / "0001000.pt")
+    torch.save(
+        {"model": model.state_dict(), "ema": ema.state_dict(), "opt": {}, "args": argparse.Namespace(a=1)},
+        tmp_path / "0001000.pt",
+    )
     assert torch.equal(load_official_checkpoint(tmp_path / "0001000.pt")(x, t, y), ema(x, t, y))
 
 
 def test_infer_config_from_shapes():
     sd = meta_dit("DiT-XL/2", input_size=64).state_dict()
     kw = infer_dit_kwargs(sd)
-    assert kw == dict(input_size=64, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                      mlp_ratio=4.0, num_classes=1000, learn_sigma=True)
+    assert kw == dict(
+        input_size=64,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=1152,
+        depth=28,
+        num_heads=16,
+        mlp_ratio=4.0,
+        num_classes=1000,
+        learn_sigma=True,
+    )
 
 
 def test_bad_checkpoint_files_get_clear_errors(tmp_path):

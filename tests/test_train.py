@@ -22,9 +22,20 @@ def prepared(tmp_path_factory):
     """Identity-VAE latents of a tiny 3-class image folder: (3, 8, 8) 'latents'."""
     tmp = tmp_path_factory.mktemp("prepared")
     folder = make_image_folder(tmp / "images", per_class=16, size=(8, 8), corrupt=False)
-    cfg = compose_cfg("prepare", [
-        "data=folder", f"data.source.root={folder}", "data.source.image_size=8", "data.source.val_fraction=0.25",
-        "vae=identity", f"data.prepared_dir={tmp / 'latents'}", "num_workers=0", "progress=false"])
+    cfg = compose_cfg(
+        "prepare",
+        [
+            "data=folder",
+            f"data.source.root={folder}",
+            "data.source.image_size=8",
+            "data.source.val_fraction=0.25",
+            "vae=identity",
+            f"data.prepared_dir={tmp / 'latents'}",
+            "num_workers=0",
+            "progress=false",
+            "data.reference.extractor=null",
+        ],
+    )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp)
     return prepare(cfg)
@@ -32,12 +43,27 @@ def prepared(tmp_path_factory):
 
 def tiny_overrides(prepared, root, steps=4, extra=()):
     return [
-        "data=folder", f"data.prepared_dir={prepared}", "data.module.batch_size=8", "data.module.num_workers=0",
-        "model=dit_tiny", "model.in_channels=3", "model.num_classes=3", "model.input_size=8",
-        "sampler=ddim50", "sampler.steps=4", "callbacks=minimal", "callbacks.sample_grid.per_class=2",
-        "callbacks.sample_grid.every_n_steps=0", "logger=csv", f"trainer.max_steps={steps}",
-        "trainer.log_every_n_steps=1", "callbacks.progress.refresh_rate=0", f"paths.root_dir={root}",
-        "prepare_if_missing=false", "callbacks.throughput.window_steps=2", *extra,
+        "data=folder",
+        f"data.prepared_dir={prepared}",
+        "data.module.batch_size=8",
+        "data.module.num_workers=0",
+        "model=dit_tiny",
+        "model.in_channels=3",
+        "model.num_classes=3",
+        "model.input_size=8",
+        "sampler=ddim50",
+        "sampler.steps=4",
+        "callbacks=minimal",
+        "callbacks.sample_grid.per_class=2",
+        "callbacks.sample_grid.every_n_steps=0",
+        "logger=csv",
+        f"trainer.max_steps={steps}",
+        "trainer.log_every_n_steps=1",
+        "callbacks.progress.refresh_rate=0",
+        f"paths.root_dir={root}",
+        "prepare_if_missing=false",
+        "callbacks.throughput.window_steps=2",
+        *extra,
     ]
 
 
@@ -60,8 +86,9 @@ def test_every_model_config_composes_and_instantiates(model):
     assert net.learn_sigma is True
 
 
-@pytest.mark.parametrize("group", ["diffusion", "sampler", "optim", "trainer", "callbacks", "logger", "data", "vae",
-                                   "experiment"])
+@pytest.mark.parametrize(
+    "group", ["diffusion", "sampler", "optim", "trainer", "callbacks", "logger", "data", "vae", "experiment"]
+)
 def test_every_other_config_composes(group, tmp_path):
     for option in config_options(group):
         cfg = compose_cfg("train", [f"{group}={option}", f"paths.root_dir={tmp_path}"])
@@ -129,15 +156,17 @@ def test_bad_configs_fail_before_training(prepared, tmp_path):
 
 def run_cli(args, cwd, timeout=300):
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "ditlab.train", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "ditlab.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_bad_override_exits_with_one_line_and_writes_nothing(prepared, tmp_path):
     result = run_cli(tiny_overrides(prepared, tmp_path, extra=["model.patch_size=3"]), cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        "ditlab.train: error: model.patch_size=3 does not divide the latent size 8")
+        "ditlab.train: error: model.patch_size=3 does not divide the latent size 8"
+    )
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs" / "train").iterdir())
     unknown = run_cli(tiny_overrides(prepared, tmp_path, extra=["model=dit_q2"]), cwd=tmp_path)
     assert unknown.returncode != 0 and "Could not find 'model/dit_q2'" in unknown.stderr
@@ -145,8 +174,12 @@ def test_bad_override_exits_with_one_line_and_writes_nothing(prepared, tmp_path)
 
 
 def test_cpu_ddp_two_processes_one_run_dir(prepared, tmp_path):
-    result = run_cli(tiny_overrides(prepared, tmp_path, steps=3, extra=[
-        "trainer.devices=2", "trainer.strategy=ddp", "run_name=ddp"]), cwd=tmp_path)
+    result = run_cli(
+        tiny_overrides(
+            prepared, tmp_path, steps=3, extra=["trainer.devices=2", "trainer.strategy=ddp", "run_name=ddp"]
+        ),
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = list((tmp_path / "outputs" / "train").iterdir())
     assert [r.name for r in runs] == ["ddp"]
@@ -156,8 +189,7 @@ def test_cpu_ddp_two_processes_one_run_dir(prepared, tmp_path):
 
 
 def test_multirun_sweep_gives_one_dir_per_job(prepared, tmp_path):
-    result = run_cli(["-m", *tiny_overrides(prepared, tmp_path, steps=2), "optim.optimizer.lr=1e-4,2e-4"],
-                     cwd=tmp_path)
+    result = run_cli(["-m", *tiny_overrides(prepared, tmp_path, steps=2), "optim.optimizer.lr=1e-4,2e-4"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p for p in (tmp_path / "multirun").glob("*/*") if p.is_dir())
     assert len(jobs) == 2

@@ -41,5 +41,11 @@ def wandb_logger(project: str = "ditlab", name: str | None = None, save_dir: str
         mode = os.environ["WANDB_MODE"]
     elif mode == "auto":
         mode = "online" if wandb_can_go_online() else "offline"
-    return WandbLogger(project=project, name=name, save_dir=save_dir, offline=mode == "offline",
-                       mode=mode if mode == "disabled" else None, **kwargs)
+    return WandbLogger(
+        project=project,
+        name=name,
+        save_dir=save_dir,
+        offline=mode == "offline",
+        mode=mode if mode == "disabled" else None,
+        **kwargs,
+    )

@@ -33,8 +33,10 @@ def build(cfg: DictConfig):
     prepared = Path(cfg.data.prepared_dir)
     if not (prepared / META_FILE).is_file():
         if not cfg.prepare_if_missing:
-            raise ConfigError(f"no prepared data at {prepared}; run python -m ditlab.prepare data={cfg.data.name} "
-                              f"vae={cfg.vae.name} (or set prepare_if_missing=true)")
+            raise ConfigError(
+                f"no prepared data at {prepared}; run python -m ditlab.prepare data={cfg.data.name} "
+                f"vae={cfg.vae.name} (or set prepare_if_missing=true)"
+            )
         log.info(f"{prepared} is not prepared yet: preparing it first")
         prepare(cfg)
     try:
@@ -46,11 +48,17 @@ def build(cfg: DictConfig):
         sampler = instantiate(cfg.sampler)
         sampler.check(objective)
         if getattr(objective, "learn_sigma", False) != net.learn_sigma:
-            raise ValueError(f"model.learn_sigma={net.learn_sigma} does not fit the {cfg.diffusion.objective._target_}"
-                             " objective; leave it at ${diffusion.learn_sigma}")
-        module = instantiate(cfg.module, net=net, objective=objective,
-                             optimizer=instantiate(cfg.optim.optimizer),
-                             scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None)
+            raise ValueError(
+                f"model.learn_sigma={net.learn_sigma} does not fit the {cfg.diffusion.objective._target_}"
+                " objective; leave it at ${diffusion.learn_sigma}"
+            )
+        module = instantiate(
+            cfg.module,
+            net=net,
+            objective=objective,
+            optimizer=instantiate(cfg.optim.optimizer),
+            scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
+        )
     except InstantiationException as err:
         cause = err.__cause__ or err
         raise ConfigError(str(cause).strip().splitlines()[0]) from err

@@ -66,7 +66,9 @@ class PretrainedVAE(nn.Module):
 
     def latent_channels(self, image_channels: int) -> int:
         if image_channels != self.vae.config.in_channels:
-            raise ValueError(f"the VAE {self.path!r} takes {self.vae.config.in_channels}-channel images, not {image_channels}")
+            raise ValueError(
+                f"the VAE {self.path!r} takes {self.vae.config.in_channels}-channel images, not {image_channels}"
+            )
         return self.vae.config.latent_channels
 
     @torch.no_grad()
@@ -82,8 +84,13 @@ class PretrainedVAE(nn.Module):
         return {"kind": self.kind, "path": self.path, "scale_factor": self.scale_factor}
 
 
-def small_autoencoder(image_channels: int = 1, latent_channels: int = 4, block_out_channels=(16, 32, 32),
-                      norm_num_groups: int = 8, sample_size: int = 32):
+def small_autoencoder(
+    image_channels: int = 1,
+    latent_channels: int = 4,
+    block_out_channels=(16, 32, 32),
+    norm_num_groups: int = 8,
+    sample_size: int = 32,
+):
     """A small diffusers AutoencoderKL: len(block_out_channels) - 1 halvings (32x32 -> 8x8), no
     mid-block attention (measured ~3x faster on this CPU than with it, for the same quality class)."""
     from diffusers import AutoencoderKL
@@ -109,9 +116,19 @@ class SmallVAERecipe:
 
     kind = "small_kl"
 
-    def __init__(self, latent_channels: int = 4, block_out_channels=(16, 32, 32), norm_num_groups: int = 8,
-                 train_seconds: float = 150.0, max_steps: int = 100_000, batch_size: int = 128, lr: float = 2e-3,
-                 kl_weight: float = 1e-4, seed: int = 0, scale_samples: int = 5000):
+    def __init__(
+        self,
+        latent_channels: int = 4,
+        block_out_channels=(16, 32, 32),
+        norm_num_groups: int = 8,
+        train_seconds: float = 150.0,
+        max_steps: int = 100_000,
+        batch_size: int = 128,
+        lr: float = 2e-3,
+        kl_weight: float = 1e-4,
+        seed: int = 0,
+        scale_samples: int = 5000,
+    ):
         self.latent_channels = latent_channels
         self.block_out_channels = tuple(block_out_channels)
         self.norm_num_groups = norm_num_groups
@@ -135,11 +152,20 @@ class SmallVAERecipe:
 
     def _fit(self, dataset, out_dir: Path, device: torch.device, log) -> None:
         first = dataset[0][0]
-        model = small_autoencoder(first.shape[0], self.latent_channels, self.block_out_channels,
-                                  self.norm_num_groups, first.shape[-1]).to(device)
+        model = small_autoencoder(
+            first.shape[0], self.latent_channels, self.block_out_channels, self.norm_num_groups, first.shape[-1]
+        ).to(device)
         generator = torch.Generator().manual_seed(self.seed)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                                             generator=generator, num_workers=0, collate_fn=_images_only)
+        # drop_last with a batch no larger than the data, so that every pass yields batches
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=min(self.batch_size, len(dataset)),
+            shuffle=True,
+            drop_last=True,
+            generator=generator,
+            num_workers=0,
+            collate_fn=_images_only,
+        )
         opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
         start, step, done = time.time(), 0, False
@@ -199,7 +225,9 @@ def reconstruction_psnr(model_or_codec, dataset, device="cpu", count: int = 1000
         codec = model_or_codec
         recon = torch.cat([codec.decode(codec.encode(c)[0] * codec.scale_factor) for c in images.split(250)])
     else:
-        recon = torch.cat([model_or_codec.decode(model_or_codec.encode(c).latent_dist.mean).sample for c in images.split(250)])
+        recon = torch.cat(
+            [model_or_codec.decode(model_or_codec.encode(c).latent_dist.mean).sample for c in images.split(250)]
+        )
     mse = F.mse_loss((recon.clamp(-1, 1) + 1) / 2, (images + 1) / 2).item()
     return 10 * math.log10(1.0 / max(mse, 1e-12))
 

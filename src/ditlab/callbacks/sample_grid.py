@@ -15,9 +15,18 @@ from ditlab.diffusion import CFGModel, Sampler
 
 
 class SampleGrid(Callback):
-    def __init__(self, out_dir: str, sampler: Sampler, every_n_steps: int = 1000, per_class: int = 8,
-                 max_classes: int = 10, cfg_scale: float = 1.0, guided_channels: int | None = None,
-                 seed: int = 0, at_end: bool = True):
+    def __init__(
+        self,
+        out_dir: str,
+        sampler: Sampler,
+        every_n_steps: int = 1000,
+        per_class: int = 8,
+        max_classes: int = 10,
+        cfg_scale: float = 1.0,
+        guided_channels: int | None = None,
+        seed: int = 0,
+        at_end: bool = True,
+    ):
         self.out_dir = Path(out_dir)
         self.sampler = sampler
         self.every_n_steps = every_n_steps
@@ -35,7 +44,12 @@ class SampleGrid(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
-        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and not trainer.fit_loop._should_accumulate():
+        if (
+            self.every_n_steps > 0
+            and step > 0
+            and step % self.every_n_steps == 0
+            and not trainer.fit_loop._should_accumulate()
+        ):
             self.make_grid(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
@@ -56,10 +70,16 @@ class SampleGrid(Callback):
         labels = torch.arange(num_classes, device=device).repeat_interleave(self.per_class)  # one row per class
         generator = torch.Generator().manual_seed(self.seed)
         noise = torch.randn(len(labels), *dm.latent_shape, generator=generator).to(device)
-        model = CFGModel(net, self.cfg_scale, null_label=dm.num_classes, in_channels=dm.channels,
-                         guided_channels=self.guided_channels)
-        latents = self.sampler(model, pl_module.objective, noise, labels,
-                               generator=torch.Generator(device=device).manual_seed(self.seed))
+        model = CFGModel(
+            net,
+            self.cfg_scale,
+            null_label=dm.num_classes,
+            in_channels=dm.channels,
+            guided_channels=self.guided_channels,
+        )
+        latents = self.sampler(
+            model, pl_module.objective, noise, labels, generator=torch.Generator(device=device).manual_seed(self.seed)
+        )
         images = self._codec.to(device).decode(latents).float().clamp(-1, 1).cpu()
         grid = make_grid((images + 1) / 2, nrow=self.per_class, padding=2, pad_value=1.0)
         self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -5,4 +5,13 @@ from ditlab.diffusion.gaussian import GaussianDiffusion, create_diffusion
 from ditlab.diffusion.guidance import CFGModel, mix_guidance
 from ditlab.diffusion.sampling import SAMPLERS, Sampler, respace
 
-__all__ = ["CFGModel", "FlowMatching", "GaussianDiffusion", "SAMPLERS", "Sampler", "create_diffusion", "mix_guidance", "respace"]
+__all__ = [
+    "CFGModel",
+    "FlowMatching",
+    "GaussianDiffusion",
+    "SAMPLERS",
+    "Sampler",
+    "create_diffusion",
+    "mix_guidance",
+    "respace",
+]

@@ -45,8 +45,15 @@ class FlowMatching:
         return {"loss": mse, "mse": mse}
 
     @torch.no_grad()
-    def sample_ode(self, model: Callable, noise: torch.Tensor, steps: int, solver: str = "euler",
-                   model_kwargs=None, progress: bool = False) -> torch.Tensor:
+    def sample_ode(
+        self,
+        model: Callable,
+        noise: torch.Tensor,
+        steps: int,
+        solver: str = "euler",
+        model_kwargs=None,
+        progress: bool = False,
+    ) -> torch.Tensor:
         """Integrate dx/dt = v(x, t) from t = 1 to 0 on a uniform grid of ``steps`` intervals.
 
         Heun (2nd order) costs two evaluations per interval except the last, where the second one

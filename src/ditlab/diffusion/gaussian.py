@@ -64,7 +64,9 @@ class GaussianDiffusion:
         timestep_map: original timestep index of each step of this (respaced) process.
     """
 
-    def __init__(self, betas: torch.Tensor, variance_type: str = "learned_range", timestep_map: list[int] | None = None):
+    def __init__(
+        self, betas: torch.Tensor, variance_type: str = "learned_range", timestep_map: list[int] | None = None
+    ):
         if variance_type not in VARIANCE_TYPES:
             raise ValueError(f"unknown variance_type {variance_type!r}; expected one of {VARIANCE_TYPES}")
         betas = betas.to(torch.float64)
@@ -112,8 +114,10 @@ class GaussianDiffusion:
             _extract(self.posterior_mean_coef1, t, x_t.shape) * x_start
             + _extract(self.posterior_mean_coef2, t, x_t.shape) * x_t
         )
-        return mean, _extract(self.posterior_variance, t, x_t.shape), _extract(
-            self.posterior_log_variance_clipped, t, x_t.shape
+        return (
+            mean,
+            _extract(self.posterior_variance, t, x_t.shape),
+            _extract(self.posterior_log_variance_clipped, t, x_t.shape),
         )
 
     # ---------------------------------------------------------------- the reverse process
@@ -122,9 +126,10 @@ class GaussianDiffusion:
         return self.timestep_map.to(t.device)[t]
 
     def predict_xstart_from_eps(self, x_t, t, eps):
-        return _extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - _extract(
-            self.sqrt_recipm1_alphas_cumprod, t, x_t.shape
-        ) * eps
+        return (
+            _extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+            - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps
+        )
 
     def predict_eps_from_xstart(self, x_t, t, pred_xstart):
         return (_extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart) / _extract(
@@ -158,7 +163,13 @@ class GaussianDiffusion:
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
-        return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_xstart": pred_xstart, "eps": eps}
+        return {
+            "mean": mean,
+            "variance": variance,
+            "log_variance": log_variance,
+            "pred_xstart": pred_xstart,
+            "eps": eps,
+        }
 
     def p_mean_variance(self, model: Callable, x, t, model_kwargs=None, clip_denoised: bool = False):
         output = model(x, self.model_timesteps(t), **(model_kwargs or {}))
@@ -201,7 +212,10 @@ class GaussianDiffusion:
         out = self.p_mean_variance(model, x, t, model_kwargs, clip_denoised)
         noise = self._noise(x.shape, x.device, generator)
         nonzero = (t != 0).float().view(-1, *([1] * (x.dim() - 1)))  # no noise at the last step
-        return {"sample": out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise, "pred_xstart": out["pred_xstart"]}
+        return {
+            "sample": out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise,
+            "pred_xstart": out["pred_xstart"],
+        }
 
     def ddim_sample(self, model, x, t, model_kwargs=None, clip_denoised=False, eta=0.0, generator=None) -> dict:
         out = self.p_mean_variance(model, x, t, model_kwargs, clip_denoised)
@@ -227,20 +241,49 @@ class GaussianDiffusion:
                 callback({"x": x, "i": i, "pred_xstart": out["pred_xstart"]})
         return x
 
-    def p_sample_loop(self, model, shape, noise=None, model_kwargs=None, device=None, progress=False,
-                      clip_denoised=False, generator=None, callback=None):
+    def p_sample_loop(
+        self,
+        model,
+        shape,
+        noise=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        clip_denoised=False,
+        generator=None,
+        callback=None,
+    ):
         """Ancestral DDPM sampling over every step of this process."""
         return self._loop(
             lambda x, t: self.p_sample(model, x, t, model_kwargs, clip_denoised, generator),
-            shape, noise, device, progress, callback,
+            shape,
+            noise,
+            device,
+            progress,
+            callback,
         )
 
-    def ddim_sample_loop(self, model, shape, noise=None, model_kwargs=None, device=None, progress=False,
-                         clip_denoised=False, eta=0.0, generator=None, callback=None):
+    def ddim_sample_loop(
+        self,
+        model,
+        shape,
+        noise=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        clip_denoised=False,
+        eta=0.0,
+        generator=None,
+        callback=None,
+    ):
         """DDIM (eta = 0: deterministic) over every step of this process."""
         return self._loop(
             lambda x, t: self.ddim_sample(model, x, t, model_kwargs, clip_denoised, eta, generator),
-            shape, noise, device, progress, callback,
+            shape,
+            noise,
+            device,
+            progress,
+            callback,
         )
 
 

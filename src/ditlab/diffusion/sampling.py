@@ -46,7 +46,10 @@ def _diffusers_scheduler(name: str, betas: torch.Tensor):
 
 def respace(diffusion: GaussianDiffusion, spacing: str | int) -> GaussianDiffusion:
     """The process that visits only ``space_timesteps(T, spacing)`` of a full T-step process."""
-    if len(diffusion.timestep_map) != diffusion.num_timesteps or diffusion.timestep_map[-1] != diffusion.num_timesteps - 1:
+    if (
+        len(diffusion.timestep_map) != diffusion.num_timesteps
+        or diffusion.timestep_map[-1] != diffusion.num_timesteps - 1
+    ):
         raise ValueError("respace() needs the full (training) process, not an already respaced one")
     keep = space_timesteps(diffusion.num_timesteps, spacing)
     if len(keep) == diffusion.num_timesteps:
@@ -74,7 +77,9 @@ class Sampler:
         """Fail early (at config time) for a sampler the objective cannot run."""
         if isinstance(objective, FlowMatching):
             if self.name not in FLOW_SAMPLERS:
-                raise ValueError(f"sampler {self.name!r} needs a Gaussian diffusion; flow matching supports {FLOW_SAMPLERS}")
+                raise ValueError(
+                    f"sampler {self.name!r} needs a Gaussian diffusion; flow matching supports {FLOW_SAMPLERS}"
+                )
         elif isinstance(objective, GaussianDiffusion):
             if self.steps > objective.num_timesteps:
                 raise ValueError(
@@ -90,8 +95,15 @@ class Sampler:
         return self.steps
 
     @torch.no_grad()
-    def __call__(self, model: Callable, objective, noise: torch.Tensor, y: torch.Tensor,
-                 generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+    def __call__(
+        self,
+        model: Callable,
+        objective,
+        noise: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
         self.check(objective)
         kwargs = {"y": y}
         if isinstance(objective, FlowMatching):
@@ -100,8 +112,9 @@ class Sampler:
             process = respace(objective, str(self.steps))
             if self.name == "ddpm":
                 return process.p_sample_loop(model, noise.shape, noise, kwargs, progress=progress, generator=generator)
-            return process.ddim_sample_loop(model, noise.shape, noise, kwargs, progress=progress, eta=self.eta,
-                                            generator=generator)
+            return process.ddim_sample_loop(
+                model, noise.shape, noise, kwargs, progress=progress, eta=self.eta, generator=generator
+            )
         return self._diffusers_loop(model, objective, noise, kwargs, progress)
 
     def _diffusers_loop(self, model, diffusion: GaussianDiffusion, noise, kwargs, progress) -> torch.Tensor:

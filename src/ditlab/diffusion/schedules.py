@@ -16,9 +16,7 @@ def linear_betas(num_steps: int) -> torch.Tensor:
 
 
 def betas_from_alpha_bar(num_steps: int, alpha_bar, max_beta: float = 0.999) -> torch.Tensor:
-    betas = [
-        min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta) for i in range(num_steps)
-    ]
+    betas = [min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta) for i in range(num_steps)]
     return torch.tensor(betas, dtype=torch.float64)
 
 
@@ -64,7 +62,9 @@ def space_timesteps(num_steps: int, spacing: str | int | list[int]) -> list[int]
     for i, count in enumerate(counts):
         size = size_per + (1 if i < extra else 0)
         if not 1 <= count <= size:
-            raise ValueError(f"cannot respace a section of {size} steps to {count} steps (timestep_respacing={spacing!r})")
+            raise ValueError(
+                f"cannot respace a section of {size} steps to {count} steps (timestep_respacing={spacing!r})"
+            )
         stride = 1 if count <= 1 else (size - 1) / (count - 1)
         position = 0.0  # accumulated, not stride * j: the official code does so and rounding can differ
         for _ in range(count):

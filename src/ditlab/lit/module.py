@@ -21,17 +21,26 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 class DiTModule(LightningModule):
     """Args:
-        net: the DiT (a plain nn.Module).
-        objective: ``GaussianDiffusion`` or ``FlowMatching`` (``sample_t``, ``training_losses``).
-        optimizer: factory ``params -> Optimizer`` (Hydra ``_partial_``).
-        scheduler: optional factory ``optimizer -> LRScheduler``, stepped every optimizer step.
-        ema_decay / ema_warmup: the EMA of the weights (kept in fp32, in the checkpoint).
-        compile: apply ``torch.compile`` to the network from outside (``configure_model``).
-        seed: base of the per-step seeds.
+    net: the DiT (a plain nn.Module).
+    objective: ``GaussianDiffusion`` or ``FlowMatching`` (``sample_t``, ``training_losses``).
+    optimizer: factory ``params -> Optimizer`` (Hydra ``_partial_``).
+    scheduler: optional factory ``optimizer -> LRScheduler``, stepped every optimizer step.
+    ema_decay / ema_warmup: the EMA of the weights (kept in fp32, in the checkpoint).
+    compile: apply ``torch.compile`` to the network from outside (``configure_model``).
+    seed: base of the per-step seeds.
     """
 
-    def __init__(self, net: torch.nn.Module, objective, optimizer: Callable, scheduler: Callable | None = None,
-                 ema_decay: float = 0.9999, ema_warmup: bool = False, compile: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        objective,
+        optimizer: Callable,
+        scheduler: Callable | None = None,
+        ema_decay: float = 0.9999,
+        ema_warmup: bool = False,
+        compile: bool = False,
+        seed: int = 0,
+    ):
         super().__init__()
         self.net = net
         self.objective = objective
@@ -65,8 +74,9 @@ class DiTModule(LightningModule):
         loss = terms["loss"].mean()
         # sync_dist: the logged value is the mean over ranks, not rank 0's (fast-DiT logged rank 0's).
         for name, value in terms.items():
-            self.log(f"train/{name}", value.mean(), on_step=True, on_epoch=False, sync_dist=True,
-                     prog_bar=name == "loss")
+            self.log(
+                f"train/{name}", value.mean(), on_step=True, on_epoch=False, sync_dist=True, prog_bar=name == "loss"
+            )
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -93,8 +103,10 @@ class DiTModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ditlab"] = {
             "config_yaml": self.config_yaml,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

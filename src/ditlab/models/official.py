@@ -18,7 +18,12 @@ from ditlab.models.dit import DIT_SIZES, DiT
 
 # The heads are not visible in any tensor shape; the paper fixes them per hidden size.
 _HEADS_BY_HIDDEN = {hidden: heads for (_, hidden, heads) in DIT_SIZES.values()}
-_REQUIRED_KEYS = ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight", "final_layer.linear.weight")
+_REQUIRED_KEYS = (
+    "x_embedder.proj.weight",
+    "pos_embed",
+    "y_embedder.embedding_table.weight",
+    "final_layer.linear.weight",
+)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -41,7 +46,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{str(path)!r} holds no DiT state_dict; expected a dict of tensors or one with an 'ema' entry")
+        raise ValueError(
+            f"{str(path)!r} holds no DiT state_dict; expected a dict of tensors or one with an 'ema' entry"
+        )
     return obj
 
 

@@ -1,0 +1,266 @@
+"""Benchmarks: ``python -m ditlab.bench {sampling,data,train} [options]``.
+
+Every figure is measured in the same process as its plain reference and printed with the
+hardware, so a speed is always read as a ratio on a named machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+class CountingModel:
+    """Wraps a model to count evaluations (NFE) per sample."""
+
+    def __init__(self, model):
+        self.model = model
+        self.calls = 0
+
+    def __call__(self, x, t, y):
+        self.calls += 1
+        return self.model(x, t, y)
+
+
+# ------------------------------------------------------------------------------------------ sampling
+def bench_sampling(args) -> None:
+    from ditlab.diffusion import CFGModel, FlowMatching, Sampler, create_diffusion
+    from ditlab.models.dit import DiT
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    results = []
+    for objective_name, samplers in (
+        (
+            "ddpm",
+            [("ddpm", 250), ("ddpm", 50), ("ddim", 50), ("dpmpp", 20), ("unipc", 20), ("euler", 50), ("heun", 25)],
+        ),
+        ("flow", [("euler", 50), ("heun", 25)]),
+    ):
+        learn_sigma = objective_name == "ddpm"
+        net = (
+            DiT(
+                input_size=args.size,
+                patch_size=2,
+                in_channels=4,
+                hidden_size=args.hidden,
+                depth=args.depth,
+                num_heads=4,
+                num_classes=10,
+                learn_sigma=learn_sigma,
+            )
+            .to(device)
+            .eval()
+        )
+        with torch.no_grad():  # non-zero outputs so that every sampler does real work
+            for p in net.final_layer.parameters():
+                p.normal_(0, 0.02)
+        objective = create_diffusion() if learn_sigma else FlowMatching()
+        for name, steps in samplers:
+            model = CountingModel(CFGModel(net, args.cfg_scale, null_label=10, in_channels=4))
+            noise = torch.randn(args.batch, 4, args.size, args.size, device=device)
+            y = torch.randint(0, 10, (args.batch,), device=device)
+            sampler = Sampler(name, steps)
+            start = time.perf_counter()
+            sampler(model, objective, noise, y)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            results.append((objective_name, name, steps, model.calls, seconds / args.batch))
+    print(
+        f"# sampling: DiT hidden {args.hidden} depth {args.depth} on {args.size}x{args.size}x4 latents, "
+        f"batch {args.batch}, cfg {args.cfg_scale}; {hardware()}"
+    )
+    print(f"{'objective':<10}{'sampler':<8}{'steps':>6}{'NFE':>6}{'s/image':>10}{'vs ddpm250':>12}")
+    reference = results[0][4]
+    for objective_name, name, steps, nfe, spi in results:
+        print(f"{objective_name:<10}{name:<8}{steps:>6}{nfe:>6}{spi:>10.4f}{reference / spi:>11.1f}x")
+
+
+# ------------------------------------------------------------------------------------------ data
+def _write_synthetic_shards(root: Path, count: int, latent_shape) -> Path:
+    import json
+
+    from ditlab.data.shards import ShardWriter
+
+    rng = np.random.default_rng(0)
+    writer = ShardWriter(root / "train")
+    block = rng.standard_normal((256, 2, 2, *latent_shape)).astype(np.float16)
+    for i in range(count):
+        writer.add(block[i % 256], i % 10)
+    writer.finish()
+    meta = {
+        "num_classes": 10,
+        "latent_shape": list(latent_shape),
+        "vae": {"kind": "identity", "scale_factor": 0.5},
+        "splits": {"train": {"count": count}},
+    }
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+def bench_data(args) -> None:
+    from ditlab.data.datamodule import LatentDataModule
+
+    shape = (4, args.size, args.size)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = _write_synthetic_shards(Path(tmp), args.count, shape)
+        dm = LatentDataModule(str(root), batch_size=args.batch, num_workers=args.workers, pin_memory=False)
+        rates = []
+        for _epoch in range(args.epochs):
+            loader = dm.train_dataloader()
+            generator = torch.Generator().manual_seed(0)
+            n, start = 0, time.perf_counter()
+            for batch in loader:
+                latents, labels = dm.to_model_batch(batch, generator)
+                n += latents.shape[0]
+            rates.append(n / (time.perf_counter() - start))
+        # Plain reference: a DataLoader over the same data already in memory as one tensor.
+        data = torch.randn(args.count, 2, 2, *shape).half()
+        labels = torch.randint(0, 10, (args.count,))
+        ref_loader = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(data, labels),
+            batch_size=args.batch,
+            shuffle=True,
+            num_workers=0,
+            drop_last=True,
+        )
+        start, n = time.perf_counter(), 0
+        for block, _ in ref_loader:
+            n += block[:, 0, 0].float().shape[0]
+        ref_rate = n / (time.perf_counter() - start)
+    print(
+        f"# data: LatentDataModule, {args.count} samples of 4x{args.size}x{args.size} (posterior, with flip), "
+        f"batch {args.batch}, {args.workers} workers; {hardware()}"
+    )
+    print(f"epochs (samples/s): {', '.join(f'{r:,.0f}' for r in rates)}")
+    print(
+        f"median {statistics.median(rates):,.0f} samples/s; in-memory TensorDataset reference "
+        f"{ref_rate:,.0f} samples/s ({statistics.median(rates) / ref_rate:.2f}x of it)"
+    )
+
+
+# ------------------------------------------------------------------------------------------ train step
+def bench_train(args) -> None:
+    from ditlab.diffusion import create_diffusion
+    from ditlab.lit.ema import EMA
+    from ditlab.models.dit import DiT
+
+    device = torch.device(args.device)
+    diffusion = create_diffusion()
+
+    def make():
+        torch.manual_seed(0)
+        return DiT(
+            input_size=args.size,
+            patch_size=2,
+            in_channels=4,
+            hidden_size=args.hidden,
+            depth=args.depth,
+            num_heads=4,
+            num_classes=10,
+        ).to(device)
+
+    x = torch.randn(args.batch, 4, args.size, args.size, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+
+    def timed(step, net) -> float:
+        times = []
+        for i in range(args.warmup + args.steps):
+            start = time.perf_counter()
+            step(net)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+        return args.batch / statistics.median(times)
+
+    # Plain reference: eps-MSE only, AdamW, no EMA (the bare minimum of a DiT step).
+    ref_net = make()
+    ref_opt = torch.optim.AdamW(ref_net.parameters(), lr=1e-4, weight_decay=0)
+
+    def plain_step(net):
+        t = torch.randint(0, 1000, (args.batch,), device=device)
+        noise = torch.randn_like(x)
+        xt = diffusion.q_sample(x, t, noise)
+        loss = ((net(xt, t, y)[:, :4] - noise) ** 2).mean()
+        ref_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        ref_opt.step()
+
+    net = make()
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4, weight_decay=0)
+    ema = EMA(net)
+
+    def ditlab_step(net):
+        t = diffusion.sample_t(args.batch, device)
+        loss = diffusion.training_losses(net, x, t, {"y": y})["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema.update(net)
+
+    ref = timed(plain_step, ref_net)
+    ours = timed(ditlab_step, net)
+    n_params = sum(p.numel() for p in net.parameters()) / 1e6
+    print(
+        f"# train step: DiT hidden {args.hidden} depth {args.depth} ({n_params:.1f}M), {args.size}x{args.size}x4, "
+        f"batch {args.batch}, median of {args.steps}; {hardware()}"
+    )
+    print(
+        f"plain eps-MSE step: {ref:,.1f} img/s; ditlab step (hybrid loss + EMA): {ours:,.1f} img/s ({ours / ref:.2f}x)"
+    )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ditlab.bench", description=__doc__)
+    sub = parser.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("sampling", help="NFE and seconds per image of every sampler")
+    s.add_argument("--batch", type=int, default=64)
+    s.add_argument("--size", type=int, default=8)
+    s.add_argument("--hidden", type=int, default=256)
+    s.add_argument("--depth", type=int, default=6)
+    s.add_argument("--cfg-scale", type=float, default=1.5)
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    d = sub.add_parser("data", help="samples/s the LatentDataModule delivers")
+    d.add_argument("--count", type=int, default=20000)
+    d.add_argument("--size", type=int, default=32)
+    d.add_argument("--batch", type=int, default=256)
+    d.add_argument("--workers", type=int, default=2)
+    d.add_argument("--epochs", type=int, default=3)
+    t = sub.add_parser("train", help="img/s of the training step against a plain reference")
+    t.add_argument("--batch", type=int, default=128)
+    t.add_argument("--size", type=int, default=8)
+    t.add_argument("--hidden", type=int, default=256)
+    t.add_argument("--depth", type=int, default=6)
+    t.add_argument("--steps", type=int, default=10)
+    t.add_argument("--warmup", type=int, default=3)
+    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    {"sampling": bench_sampling, "data": bench_data, "train": bench_train}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""FID during training: every N steps, K samples from the EMA weights with the configured sampler
+and guidance, split across ranks with per-rank seeds, decoded, featurised, gathered, and scored
+against the reference statistics stored by ``prepare``. Logs ``val/fid`` (Inception) or
+``val/fid_clf`` (the dataset classifier) and, for the classifier, ``val/sample_accuracy_clf``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from lightning import Callback
+
+from ditlab.diffusion import CFGModel, Sampler
+
+log = logging.getLogger("ditlab.fid")
+
+
+class FIDCallback(Callback):
+    def __init__(
+        self,
+        sampler: Sampler,
+        every_n_steps: int = 10000,
+        num_samples: int = 1000,
+        batch_size: int = 250,
+        cfg_scale: float = 1.0,
+        guided_channels: int | None = None,
+        extractor: str = "clf",
+        reference: str | None = None,
+        weights_path: str | None = None,
+        metrics=("fid",),
+        seed: int = 0,
+        at_end: bool = True,
+    ):
+        if num_samples < 2:  # a covariance needs two samples
+            raise ValueError(f"fid num_samples={num_samples} must be >= 2")
+        self.sampler = sampler
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.cfg_scale = cfg_scale
+        self.guided_channels = guided_channels
+        self.extractor_kind = extractor
+        self.reference_path = reference
+        self.weights_path = weights_path
+        self.metrics = tuple(metrics)
+        self.seed = seed
+        self.at_end = at_end
+        self._reference = self._extractor = self._codec = None
+        self.enabled = True
+        self.last: dict[str, float] = {}
+
+    def setup(self, trainer, pl_module, stage):
+        from ditlab.metrics.fidelity import ReferenceStats
+
+        dm = trainer.datamodule
+        self.sampler.check(pl_module.objective)
+        if not self.extractor_kind:
+            self.enabled = False
+            return
+        path = Path(self.reference_path or Path(dm.path) / f"reference_{self.extractor_kind}.npz")
+        if not path.is_file():
+            # Training goes on without it; say once, clearly, how to get it.
+            log.warning(
+                f"FID during training is off: no reference statistics at {path} (run python -m "
+                f"ditlab.prepare with data.reference.extractor={self.extractor_kind}, or set "
+                f"callbacks.fid.reference=<stats .npz>)"
+            )
+            self.enabled = False
+            return
+        self._reference = ReferenceStats.load(path, self.extractor_kind)
+        if self.extractor_kind == "clf" and self.weights_path is None:
+            self.weights_path = str(Path(dm.path) / "classifier")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if (
+            self.enabled
+            and self.every_n_steps > 0
+            and step > 0
+            and step % self.every_n_steps == 0
+            and not trainer.fit_loop._should_accumulate()
+        ):
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.enabled and self.at_end and (self.every_n_steps <= 0 or trainer.global_step % self.every_n_steps != 0):
+            self.evaluate(trainer, pl_module)
+
+    @torch.no_grad()
+    def evaluate(self, trainer, pl_module) -> dict[str, float]:
+        from ditlab.data.transforms import model_range_to_uint8
+        from ditlab.metrics.fidelity import Extractor, compute_metrics
+        from ditlab.vae import codec_from_meta
+
+        start = time.time()
+        dm, device = trainer.datamodule, pl_module.device
+        if self._codec is None:
+            self._codec = codec_from_meta(dm.meta, dm.path).to(device)
+            self._extractor = Extractor(self.extractor_kind, self.weights_path, device=str(device))
+        rank, world = trainer.global_rank, trainer.world_size
+        padded = -(-self.num_samples // world) * world  # equal shares, so that all_gather lines up
+        mine = list(range(rank, padded, world))  # this rank's sample indices
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + rank)
+        labels_all = torch.randint(0, dm.num_classes, (padded,), generator=torch.Generator().manual_seed(self.seed))
+        model = CFGModel(
+            pl_module.ema.net,
+            self.cfg_scale,
+            null_label=dm.num_classes,
+            in_channels=dm.channels,
+            guided_channels=self.guided_channels,
+        )
+        feats, logits, labels = [], [], []
+        for chunk in torch.tensor(mine, dtype=torch.long).split(self.batch_size):
+            y = labels_all[chunk].to(device)
+            noise = torch.randn(len(chunk), *dm.latent_shape, generator=generator).to(device)
+            latents = self.sampler(
+                model,
+                pl_module.objective,
+                noise,
+                y,
+                generator=torch.Generator(device=device).manual_seed(self.seed + int(chunk[0])),
+            )
+            images = model_range_to_uint8(self._codec.decode(latents).float()).permute(0, 3, 1, 2)  # (n, C, H, W)
+            out = self._extractor(images)
+            feats.append(out["features"])
+            logits.append(out["logits"])
+            labels.append(y.cpu())
+        local = {"features": torch.cat(feats), "logits": torch.cat(logits), "labels": torch.cat(labels)}
+        if world > 1:
+            gathered = {k: pl_module.all_gather(v.to(device)) for k, v in local.items()}  # (world, n, ...)
+            # gathered[r][i] is sample r + i * world: interleave back to sample order, drop the padding
+            local = {
+                k: v.transpose(0, 1).reshape(-1, *v.shape[2:])[: self.num_samples].cpu() for k, v in gathered.items()
+            }
+        results = compute_metrics(
+            local, self._reference, self.metrics, labels=local["labels"] if self.extractor_kind == "clf" else None
+        )
+        results = {f"val/{k}": v for k, v in results.items()}
+        results["val/fid_seconds"] = time.time() - start
+        # Logged directly (this also runs in on_train_end, where LightningModule.log is not allowed).
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in results.items()})
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(results, step=trainer.global_step)
+        self.last = results
+        return results

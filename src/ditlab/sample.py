@@ -1,0 +1,138 @@
+"""``python -m ditlab.sample ckpt=... num_samples=N``: samples as an ADM-format .npz and/or PNGs.
+
+ADM's evaluator reads ``arr_0``: uint8 (N, H, W, C). The class labels go beside it as ``labels``.
+With torchrun each rank samples indices rank, rank + world, ... with its own seeds and writes its
+own part; rank 0 merges the parts in index order, so the result does not depend on the world size.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+log = logging.getLogger("ditlab.sample")
+FORMATS = ("npz", "png", "both")
+
+
+def _labels(cfg, gen, count: int) -> torch.Tensor:
+    if cfg.labels is None:
+        return torch.randint(0, gen.num_classes, (count,), generator=torch.Generator().manual_seed(cfg.seed))
+    given = torch.tensor(list(cfg.labels), dtype=torch.long)
+    return given.repeat(-(-count // len(given)))[:count]
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    img = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    img.save(tmp)
+    tmp.replace(path)
+
+
+def run(cfg: DictConfig) -> Path:
+    from hydra.utils import instantiate
+
+    from ditlab.data.transforms import model_range_to_uint8
+    from ditlab.generation import load_generator
+
+    if cfg.format not in FORMATS:
+        raise ValueError(f"format={cfg.format!r}; expected one of {FORMATS}")
+    if cfg.num_samples < 1:
+        raise ValueError(f"num_samples={cfg.num_samples} must be >= 1")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.backends.cuda.matmul.allow_tf32 = True
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = load_generator(cfg.ckpt, cfg.ema, cfg.vae_path).to(device)
+    sampler = instantiate(cfg.sampler)
+    sampler.check(gen.objective)
+    model = gen.guided(cfg.cfg_scale, cfg.guided_channels, cfg.guidance_interval)
+    log.info(f"{gen.source}; {sampler.name} x {sampler.steps} steps, cfg {cfg.cfg_scale}; writing to {out}")
+
+    if cfg.grid:
+        return _grid(cfg, gen, model, sampler, device, out)
+    labels = _labels(cfg, gen, cfg.num_samples)
+    gen.check_labels(labels)
+    mine = torch.arange(rank, cfg.num_samples, world)
+    images, start = [], time.time()
+    for chunk in tqdm(mine.split(cfg.batch_size), desc=f"rank {rank}", disable=rank != 0):
+        # Noise from (seed, first index of the chunk): reproducible whatever the world size.
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(chunk[0]))
+        noise = torch.randn(len(chunk), *gen.latent_shape, generator=g).to(device)
+        y = labels[chunk].to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            latents = sampler(
+                model, gen.objective, noise, y, generator=torch.Generator(device).manual_seed(int(chunk[0]))
+            )
+        batch = model_range_to_uint8(gen.codec.decode(latents.float()).float()).cpu().numpy()  # (n, H, W, C)
+        images.append(batch)
+        if cfg.format in ("png", "both"):
+            for index, array in zip(chunk.tolist(), batch):
+                _save_png(array, out / f"{index:06d}.png")
+    part = out / f".part-{rank}.npz"
+    arr = np.concatenate(images) if images else np.zeros((0, 1, 1, 1), np.uint8)
+    np.savez(part.with_suffix(".tmp.npz"), arr_0=arr, index=mine.numpy())
+    part.with_suffix(".tmp.npz").replace(part)
+    log.info(f"rank {rank}: {len(mine)} samples in {time.time() - start:.1f} s")
+    if rank == 0 and cfg.format in ("npz", "both"):
+        _merge_parts(out, world, cfg.num_samples, labels.numpy())
+    return out
+
+
+def _merge_parts(out: Path, world: int, count: int, labels: np.ndarray) -> Path:
+    parts = [out / f".part-{r}.npz" for r in range(world)]
+    while not all(p.exists() for p in parts):
+        time.sleep(0.5)
+    arrays = [np.load(p) for p in parts]
+    first = next(a["arr_0"] for a in arrays if len(a["arr_0"]))
+    merged = np.zeros((count, *first.shape[1:]), np.uint8)
+    for a in arrays:
+        merged[a["index"]] = a["arr_0"]
+    path = out / f"samples_{count}x{merged.shape[1]}x{merged.shape[2]}x{merged.shape[3]}.npz"
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, arr_0=merged, labels=labels)
+    tmp.replace(path)
+    for p in parts:
+        p.unlink()
+    log.info(f"wrote {path} (arr_0 {merged.shape} uint8, labels)")
+    return path
+
+
+def _grid(cfg, gen, model, sampler, device, out: Path) -> Path:
+    from torchvision.utils import make_grid, save_image
+
+    classes = min(gen.num_classes, cfg.max_classes)
+    labels = torch.arange(classes).repeat_interleave(cfg.per_class).to(device)
+    noise = torch.randn(len(labels), *gen.latent_shape, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    latents = sampler(model, gen.objective, noise, labels, generator=torch.Generator(device).manual_seed(cfg.seed))
+    images = gen.codec.decode(latents).float().clamp(-1, 1).cpu()
+    path = out / "grid.png"
+    save_image(make_grid((images + 1) / 2, nrow=cfg.per_class, padding=2, pad_value=1.0), path)
+    log.info(f"wrote {path}")
+    return path
+
+
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).parent / "conf"), config_name="sample")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"ditlab.sample: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

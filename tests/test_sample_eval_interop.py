@@ -1,0 +1,176 @@
+"""ditlab.sample / ditlab.evaluate end to end, the official-checkpoint path, diffusers interop."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import open_dict
+
+from ditlab.interop.diffusers_dit import from_diffusers, to_diffusers
+from ditlab.models.dit import DiT, build_dit
+from ditlab.prepare import prepare
+from ditlab.train import train
+from ditlab.vae import small_autoencoder
+from helpers import compose_cfg, make_image_folder
+from test_train import compose_run
+
+
+def randomised(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def prepared_with_reference(tmp_path_factory):
+    """Tiny 3-class folder, identity latents, plus a quickly trained classifier and its reference."""
+    tmp = tmp_path_factory.mktemp("ref")
+    folder = make_image_folder(tmp / "images", per_class=16, size=(8, 8), corrupt=False)
+    cfg = compose_cfg(
+        "prepare",
+        [
+            "data=folder",
+            f"data.source.root={folder}",
+            "data.source.image_size=8",
+            "data.source.val_fraction=0.25",
+            "data.source.channels=3",
+            "vae=identity",
+            f"data.prepared_dir={tmp / 'latents'}",
+            "num_workers=0",
+            "progress=false",
+            "data.reference.extractor=clf",
+            "data.reference.classifier_seconds=2",
+        ],
+    )
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp)
+    return prepare(cfg)
+
+
+@pytest.fixture(scope="module")
+def trained_run(prepared_with_reference, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    metrics = train(
+        compose_run(
+            prepared_with_reference,
+            out,
+            steps=3,
+            extra=[
+                "callbacks.fid.num_samples=12",
+                "callbacks.fid.batch_size=6",
+                "callbacks.fid.every_n_steps=0",
+                "callbacks.fid.metrics=[fid,kid]",
+                "callbacks.fid.extractor=clf",
+            ],
+        )
+    )
+    return out, metrics
+
+
+def test_fid_callback_logs_its_metric_in_a_training_run(trained_run):
+    out, metrics = trained_run
+    assert "val/fid_clf" in metrics and metrics["val/fid_clf"] > 0
+    assert 0 <= metrics["val/sample_accuracy_clf"] <= 1
+    summary = json.loads((out / "metrics.json").read_text())
+    assert "val/fid_clf" in summary["metrics"]
+
+
+def run_module(module, args, cwd):
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_sample_writes_adm_npz_and_evaluate_reads_it(trained_run, prepared_with_reference, tmp_path):
+    out, _ = trained_run
+    ckpt = out / "checkpoints" / "last.ckpt"
+    result = run_module(
+        "ditlab.sample",
+        [
+            f"ckpt={ckpt}",
+            "num_samples=10",
+            "batch_size=4",
+            "sampler=ddim50",
+            "sampler.steps=3",
+            "cfg_scale=2.0",
+            "format=both",
+            f"out={tmp_path / 's'}",
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    npz = tmp_path / "s" / "samples_10x8x8x3.npz"
+    with np.load(npz) as data:
+        assert data["arr_0"].shape == (10, 8, 8, 3) and data["arr_0"].dtype == np.uint8
+        assert data["labels"].shape == (10,) and data["labels"].max() < 3
+    assert len(list((tmp_path / "s").glob("*.png"))) == 10
+    result = run_module(
+        "ditlab.evaluate",
+        [f"samples={npz}", f"reference={prepared_with_reference}", "extractor=clf", "metrics=[fid,isc]"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "fid_clf" in result.stdout
+    written = json.loads((tmp_path / "s" / "samples_10x8x8x3.npz.metrics.json").read_text())
+    assert written["metrics"]["num_samples"] == 10 and written["metrics"]["fid_clf"] > 0
+    bad = run_module(
+        "ditlab.sample", [f"ckpt={ckpt}", "num_samples=2", "labels=[5]", f"out={tmp_path / 'b'}"], cwd=tmp_path
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "ditlab.sample: error: label 5 is out of range; this model has classes 0..2"
+    )
+
+
+def test_sample_from_an_official_checkpoint_with_a_local_vae(tmp_path):
+    net = randomised(build_dit("DiT-S/8", input_size=8, num_classes=5))
+    torch.save(net.state_dict(), tmp_path / "DiT-S-8-64.pt")
+    small_autoencoder(
+        image_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8), norm_num_groups=4, sample_size=64
+    ).save_pretrained(tmp_path / "vae")
+    result = run_module(
+        "ditlab.sample",
+        [
+            f"ckpt={tmp_path / 'DiT-S-8-64.pt'}",
+            f"vae_path={tmp_path / 'vae'}",
+            "num_samples=3",
+            "sampler=ddpm50",
+            "sampler.steps=4",
+            "guided_channels=3",
+            f"out={tmp_path / 'o'}",
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    with np.load(tmp_path / "o" / "samples_3x64x64x3.npz") as data:
+        assert data["arr_0"].shape == (3, 64, 64, 3)
+
+
+def test_diffusers_export_matches_diffusers_implementation_and_round_trips():
+    model = randomised(
+        DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=7)
+    )
+    theirs = to_diffusers(model)
+    x, y = torch.randn(3, 4, 8, 8), torch.tensor([0, 3, 6])
+    t0 = torch.zeros(3, dtype=torch.long)
+    with torch.no_grad():
+        ours = model(x, t0, y)
+        out = theirs(x, timestep=t0, class_labels=y).sample
+    assert torch.allclose(ours, out, atol=1e-5)
+    # At t > 0 the two differ only by diffusers' timestep frequencies (i / 127 instead of i / 128).
+    t = torch.tensor([10, 500, 999])
+    with torch.no_grad():
+        gap = (model(x, t, y) - theirs(x, timestep=t, class_labels=y).sample).abs().max().item()
+    assert 0 < gap < 10 * ours.abs().max().item()
+    back = from_diffusers(theirs)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, back.state_dict()[key]), key
+
+
+def test_experiment_values_override_the_primary_config():
+    cfg = compose_cfg("train", ["experiment=fmnist_cpu"])
+    assert cfg.module.ema_decay == 0.999 and cfg.module.ema_warmup is True
+    assert cfg.model.hidden_size == 256 and cfg.optim.optimizer.lr == 1e-3

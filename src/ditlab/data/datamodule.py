@@ -1,0 +1,165 @@
+"""LatentDataModule: streams prepared latent shards (litdata) into training batches.
+
+Workers only move raw float16 blocks; the per-sample randomness (image or its flip, a draw from
+the posterior) and the scale factor are applied per batch after it reaches the device, with a
+generator seeded from (seed, rank, step) so that a resumed run draws exactly what the original did.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning import LightningDataModule
+
+from ditlab.data.shards import read_meta
+
+
+def latents_from_block(block: torch.Tensor, scale_factor: float, generator: torch.Generator | None = None,
+                       flip: bool = True, sample_posterior: bool = True) -> torch.Tensor:
+    """(N, 2, M, C, H, W) stored block -> (N, C, H, W) model-space latents.
+
+    Picks the image or its flip per sample, draws z = mean + std * eps when the posterior (M = 2)
+    was stored (or takes the mean when ``sample_posterior`` is off), then multiplies by the scale.
+    """
+    n = block.shape[0]
+    device = block.device
+    which = (torch.rand(n, generator=generator, device=device) < 0.5).long() if flip else torch.zeros(n, dtype=torch.long, device=device)
+    chosen = block[torch.arange(n, device=device), which].float()  # (N, M, C, H, W)
+    z = chosen[:, 0]
+    if chosen.shape[1] == 2 and sample_posterior:
+        z = z + chosen[:, 1] * torch.randn(z.shape, generator=generator, device=device)
+    return z * scale_factor
+
+
+def _resumable_loader_class():
+    from litdata import StreamingDataLoader
+
+    class ResumableStreamingDataLoader(StreamingDataLoader):
+        """StreamingDataLoader whose restored position applies to the first epoch after
+        ``load_state_dict`` only.
+
+        litdata clears its ``restore`` flag only when an epoch's generator runs to exhaustion;
+        Lightning stops after ``len(loader)`` batches without exhausting it, so every later epoch
+        replayed the restored epoch (seen as a resumed run diverging at its first epoch boundary).
+        """
+
+        _fresh_restore = False
+
+        def load_state_dict(self, obj):
+            super().load_state_dict(obj)
+            self._fresh_restore = True
+
+        def __iter__(self):
+            if self.restore and not self._fresh_restore:
+                self.restore = False  # a restore already consumed by an earlier epoch
+            self._fresh_restore = False
+            return super().__iter__()
+
+    return ResumableStreamingDataLoader
+
+
+class LatentDataModule(LightningDataModule):
+    """Batches of (latents (N, C, H, W) float32 in model space, labels (N,) long).
+
+    Args:
+        path: a prepared directory (local or a litdata-supported URL such as s3://...); the
+            meta.json is read from it (remote: from ``meta_path``).
+        batch_size: per device. num_workers, pin_memory: as in DataLoader.
+        seed: shuffling and per-step sampling seed. flip / sample_posterior: augmentation switches.
+    """
+
+    def __init__(self, path: str, batch_size: int = 128, num_workers: int = 2, pin_memory: bool = True,
+                 seed: int = 0, flip: bool = True, sample_posterior: bool = True, train_split: str = "train",
+                 val_split: str = "val", meta_path: str | None = None, drop_last: bool = True):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        self.path = str(path)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.seed = seed
+        self.flip = flip
+        self.sample_posterior = sample_posterior
+        self.train_split, self.val_split = train_split, val_split
+        self.drop_last = drop_last
+        self.meta = read_meta(meta_path or self.path)
+        self.train_set = self.val_set = None
+
+    # ------------------------------------------------------------ what the data is
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return tuple(self.meta["latent_shape"])
+
+    @property
+    def channels(self) -> int:
+        return self.latent_shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return self.meta["num_classes"]
+
+    @property
+    def scale_factor(self) -> float:
+        return self.meta["vae"]["scale_factor"]
+
+    def check_model(self, input_size: int, in_channels: int, patch_size: int, num_classes: int) -> None:
+        """Fail before training when the model does not fit the data (one line each)."""
+        c, h, w = self.latent_shape
+        if in_channels != c:
+            raise ValueError(f"model.in_channels={in_channels} but the latents in {self.path} have {c} channels")
+        if input_size != h or h != w:
+            raise ValueError(f"model.input_size={input_size} but the latents in {self.path} are {h}x{w}")
+        if h % patch_size != 0:
+            raise ValueError(f"model.patch_size={patch_size} does not divide the latent size {h}")
+        if num_classes != self.num_classes:
+            raise ValueError(f"model.num_classes={num_classes} but {self.path} has {self.num_classes} classes")
+
+    # ------------------------------------------------------------ loading
+    def _dataset(self, split: str, shuffle: bool):
+        from litdata import StreamingDataset
+
+        location = f"{self.path.rstrip('/')}/{split}"
+        if "://" not in self.path and not (Path(location) / "index.json").is_file():
+            raise FileNotFoundError(f"split {split!r} missing in {self.path}: expected {location}/index.json")
+        return StreamingDataset(location, shuffle=shuffle, seed=self.seed, drop_last=self.drop_last if shuffle else False)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self.train_set = self._dataset(self.train_split, shuffle=True)
+        if self.val_set is None and self.val_split in self.meta.get("splits", {self.val_split: 1}):
+            self.val_set = self._dataset(self.val_split, shuffle=False)
+
+    def _loader(self, dataset):
+        return _resumable_loader_class()(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                                   pin_memory=self.pin_memory and torch.cuda.is_available(),
+                                   persistent_workers=self.num_workers > 0, drop_last=self.drop_last)
+
+    def train_dataloader(self):
+        self.setup("fit")
+        return self._loader(self.train_set)
+
+    def val_dataloader(self):
+        self.setup("validate")
+        return self._loader(self.val_set) if self.val_set is not None else []
+
+    # ------------------------------------------------------------ per-batch sampling, on the device
+    def step_generator(self, device: torch.device, rank: int, step: int, stage: int = 0) -> torch.Generator:
+        g = torch.Generator(device=device)
+        g.manual_seed(hash((self.seed, rank, step, stage)) & 0x7FFF_FFFF_FFFF_FFFF)
+        return g
+
+    def to_model_batch(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        latents = latents_from_block(batch["latent"], self.scale_factor, generator, self.flip, self.sample_posterior)
+        return latents, batch["label"].long()
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        trainer = self.trainer
+        training = trainer is not None and trainer.training
+        if trainer is None:
+            generator = None
+        else:
+            generator = self.step_generator(batch["latent"].device, trainer.global_rank, trainer.global_step,
+                                            stage=0 if training else 1)
+        return self.to_model_batch(batch, generator)

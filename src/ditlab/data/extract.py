@@ -1,0 +1,58 @@
+"""Images -> VAE latents -> shards, for one split, on one rank's share of the images."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from ditlab.data.shards import ShardWriter
+from ditlab.data.sources import collate_skipping_failures
+
+
+@torch.no_grad()
+def encode_with_flip(codec, images: torch.Tensor, store_posterior: bool) -> torch.Tensor:
+    """(N, C, H, W) images -> (N, 2, M, C', H', W') float16: the image and its horizontal flip,
+    each as [posterior mean, std] (M = 2) or [sample] (M = 1, deterministic codecs)."""
+    both = torch.cat([images, images.flip(-1)], dim=0)  # (2N, C, H, W)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if both.is_cuda else nullcontext()
+    with amp:
+        mean, std = codec.encode(both)
+    moments = torch.stack([mean.float(), std.float()], dim=1) if store_posterior else mean.float().unsqueeze(1)
+    n = images.shape[0]
+    return torch.stack([moments[:n], moments[n:]], dim=1).to(torch.float16)  # (N, 2, M, C', H', W')
+
+
+def extract_split(source, codec, split_dir: Path, store_posterior: bool, batch_size: int = 256,
+                  num_workers: int = 0, device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
+                  progress: bool = True) -> dict:
+    """Encode this rank's images (every world_size-th, starting at rank) and write its shards.
+    Returns a summary: counts per class, skipped (unreadable) keys, images/s."""
+    indices = list(range(rank, len(source), world_size))
+    loader = DataLoader(Subset(source, indices), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=collate_skipping_failures)
+    writer = ShardWriter(split_dir, rank, world_size)
+    per_class: Counter = Counter()
+    skipped: list[str] = []
+    start = time.time()
+    bar = tqdm(total=len(indices), unit="img", desc=f"encode {split_dir.name}", disable=not progress)
+    for images, labels, _keys, failed in loader:
+        skipped += failed
+        if images is not None:
+            latents = encode_with_flip(codec, images.to(device), store_posterior).cpu().numpy()
+            for latent, label in zip(latents, labels.tolist()):
+                writer.add(np.ascontiguousarray(latent), label)
+                per_class[label] += 1
+        bar.update(len(failed) + (0 if images is None else len(images)))
+    bar.close()
+    writer.finish()
+    seconds = time.time() - start
+    count = sum(per_class.values())
+    return {"count": count, "per_class": {int(k): v for k, v in sorted(per_class.items())},
+            "skipped": skipped, "images_per_s": round(count / max(seconds, 1e-9), 1)}

@@ -1,0 +1,106 @@
+"""The prepared-dataset format: litdata streaming shards + meta.json.
+
+    <prepared_dir>/
+      meta.json           dataset, classes, counts, latent shape/format/dtype, VAE and scale factor
+      train/ val/         litdata shards (index.json + chunk-<rank>-<i>.bin), one item per image:
+                            latent (2, M, C, H, W) float16: [image, its horizontal flip] x
+                                   [posterior mean, posterior std] (M = 2) or [sample] (M = 1)
+                            label  int
+      vae/                the small VAE's weights (safetensors) when prepare trained one
+
+litdata's format means the same directory can be copied to S3/GCS and streamed to many nodes.
+Every file is written under a temporary name and renamed once complete, so an interrupted run
+leaves nothing that a later run would mistake for finished work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+META_FILE = "meta.json"
+INDEX_FILE = "index.json"
+
+
+def split_is_complete(split_dir: Path) -> bool:
+    return (split_dir / INDEX_FILE).is_file()
+
+
+def count_items(split_dir: Path) -> int:
+    index = json.loads((split_dir / INDEX_FILE).read_text())
+    return sum(chunk["chunk_size"] for chunk in index["chunks"])
+
+
+def read_meta(prepared_dir: str | Path) -> dict:
+    path = Path(prepared_dir) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no prepared dataset at {str(prepared_dir)!r} (missing {META_FILE}); run "
+            "'python -m ditlab.prepare data=<dataset> vae=<vae>' first"
+        )
+    return json.loads(path.read_text())
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+class ShardWriter:
+    """Writes one rank's share of a split into ``<split>.tmp``; ``finish`` on rank 0 waits for every
+    rank's index, merges them and renames the directory into place.
+
+    Chunk and index names carry the rank (litdata names them ``chunk-<rank>-<i>.bin`` and
+    ``<rank>.index.json``), so ranks never write the same file.
+    """
+
+    def __init__(self, split_dir: str | Path, rank: int = 0, world_size: int = 1, chunk_bytes: str = "64MB"):
+        from litdata.streaming.writer import BinaryWriter
+
+        self.split_dir = Path(split_dir)
+        self.tmp_dir = self.split_dir.with_name(self.split_dir.name + ".tmp")
+        self.rank, self.world_size = rank, world_size
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        for stale in list(self.tmp_dir.glob(f"chunk-{rank}-*")) + list(self.tmp_dir.glob(f"{rank}.index.json")):
+            stale.unlink()  # left by an interrupted run of this rank
+        # litdata reads the writer's rank from this variable (its data-optimizer convention).
+        previous = os.environ.get("DATA_OPTIMIZER_GLOBAL_RANK")
+        os.environ["DATA_OPTIMIZER_GLOBAL_RANK"] = str(rank)
+        try:
+            self.writer = BinaryWriter(str(self.tmp_dir), chunk_bytes=chunk_bytes)
+            assert self.writer.rank == rank
+        finally:
+            if previous is None:
+                os.environ.pop("DATA_OPTIMIZER_GLOBAL_RANK", None)
+            else:
+                os.environ["DATA_OPTIMIZER_GLOBAL_RANK"] = previous
+        self.count = 0
+
+    def add(self, latent: np.ndarray, label: int) -> None:
+        # Global item index: rank-major is fine, litdata only needs it unique per writer.
+        self.writer.add_item(self.count, {"latent": latent, "label": int(label)})
+        self.count += 1
+
+    def finish(self, timeout_s: float = 3600.0) -> None:
+        self.writer.done()
+        if self.rank != 0:
+            return
+        deadline = time.time() + timeout_s
+        expected = [self.tmp_dir / f"{r}.index.json" for r in range(self.world_size)]
+        while not all(p.exists() for p in expected):
+            if time.time() > deadline:
+                missing = [p.name for p in expected if not p.exists()]
+                raise TimeoutError(f"ranks did not finish writing {self.tmp_dir}: missing {missing}")
+            time.sleep(0.5)
+        # litdata's merge of per-rank indexes into index.json (public merge() expects its own
+        # process group; the ranks here may be separate jobs, hence the wait above).
+        self.writer._merge_no_wait()
+        if self.split_dir.exists():
+            shutil.rmtree(self.split_dir)
+        self.tmp_dir.rename(self.split_dir)

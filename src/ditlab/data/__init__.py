@@ -1,0 +1,1 @@
+"""Image sources, latent extraction, the shard format and the LatentDataModule."""

@@ -1,0 +1,1 @@
+"""FID and friends (torch-fidelity) and the offline classifier feature extractor."""

@@ -231,3 +231,13 @@ def test_tiny_dit_training_loss_falls(objective):
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-20:]) / 20 < 0.6 * sum(losses[:20]) / 20
+
+
+def test_benchmarks_run_on_tiny_sizes(capsys):
+    """The benchmark commands themselves (not their speed): they must keep working."""
+    from ditlab.bench import main
+
+    main(["data", "--count", "300", "--size", "8", "--batch", "64", "--workers", "0", "--epochs", "1"])
+    main(["train", "--batch", "4", "--hidden", "32", "--depth", "1", "--steps", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    assert "samples/s" in out and "img/s" in out

@@ -30,3 +30,40 @@ def make_image_folder(
 def compose_cfg(config_name: str, overrides: list[str]):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(config_name=config_name, overrides=overrides, return_hydra_config=False)
+
+
+def prepare_tiny_folder(tmp: Path, reference: str | None = None) -> Path:
+    """Identity-VAE 'latents' (3, 8, 8) of a tiny 3-class image folder (16 images a class, 25% val);
+    ``reference="clf"`` also trains a 2-second classifier and writes its FID reference statistics."""
+    from omegaconf import open_dict
+
+    from ditlab.prepare import prepare
+
+    folder = make_image_folder(tmp / "images", per_class=16, size=(8, 8), corrupt=False)
+    overrides = [
+        "data=folder",
+        f"data.source.root={folder}",
+        "data.source.image_size=8",
+        "data.source.val_fraction=0.25",
+        "vae=identity",
+        f"data.prepared_dir={tmp / 'latents'}",
+        "num_workers=0",
+        "progress=false",
+        f"data.reference.extractor={reference or 'null'}",
+        "data.reference.classifier_seconds=2",
+    ]
+    cfg = compose_cfg("prepare", overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp)
+    return prepare(cfg)
+
+
+def randomised(model):
+    """Non-zero weights everywhere (DiT starts with a zero output), pos_embed untouched, eval mode."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.normal_(0, 0.05)
+    return model.eval()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from ditlab.models.dit import DIT_CONFIGS, DiT, build_dit
 from ditlab.models.flops import forward_macs
 from ditlab.models.official import infer_dit_kwargs, load_official_checkpoint
+from helpers import randomised
 
 # DiT paper, Table 4 ("Gflops" there are multiply-accumulates), 256x256 images = 32x32x4 latents.
 PAPER_GMACS = {
@@ -108,15 +109,6 @@ def test_sdpa_attention_equals_plain_softmax():
     weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(16), dim=-1)
     reference = attn.proj((weights @ v).transpose(1, 2).reshape(n, t, d))
     assert torch.allclose(attn(x), reference, atol=1e-5)
-
-
-def randomised(model):
-    # Non-zero weights everywhere so that guidance and loading tests see real outputs.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.normal_(0, 0.05)
-    return model.eval()
 
 
 def test_forward_with_cfg_scale_one_is_conditional():

@@ -7,49 +7,18 @@ import sys
 import numpy as np
 import pytest
 import torch
-from omegaconf import open_dict
 
 from ditlab.interop.diffusers_dit import from_diffusers, to_diffusers
 from ditlab.models.dit import DiT, build_dit
-from ditlab.prepare import prepare
 from ditlab.train import train
 from ditlab.vae import small_autoencoder
-from helpers import compose_cfg, make_image_folder
+from helpers import compose_cfg, prepare_tiny_folder, randomised
 from test_train import compose_run
-
-
-def randomised(model):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.normal_(0, 0.05)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
 def prepared_with_reference(tmp_path_factory):
-    """Tiny 3-class folder, identity latents, plus a quickly trained classifier and its reference."""
-    tmp = tmp_path_factory.mktemp("ref")
-    folder = make_image_folder(tmp / "images", per_class=16, size=(8, 8), corrupt=False)
-    cfg = compose_cfg(
-        "prepare",
-        [
-            "data=folder",
-            f"data.source.root={folder}",
-            "data.source.image_size=8",
-            "data.source.val_fraction=0.25",
-            "data.source.channels=3",
-            "vae=identity",
-            f"data.prepared_dir={tmp / 'latents'}",
-            "num_workers=0",
-            "progress=false",
-            "data.reference.extractor=clf",
-            "data.reference.classifier_seconds=2",
-        ],
-    )
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp)
-    return prepare(cfg)
+    return prepare_tiny_folder(tmp_path_factory.mktemp("ref"), reference="clf")
 
 
 @pytest.fixture(scope="module")

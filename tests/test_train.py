@@ -10,35 +10,15 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from ditlab.prepare import prepare
 from ditlab.train import ConfigError, build, train
-from helpers import CONF_DIR, compose_cfg, make_image_folder
+from helpers import CONF_DIR, compose_cfg, prepare_tiny_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    """Identity-VAE latents of a tiny 3-class image folder: (3, 8, 8) 'latents'."""
-    tmp = tmp_path_factory.mktemp("prepared")
-    folder = make_image_folder(tmp / "images", per_class=16, size=(8, 8), corrupt=False)
-    cfg = compose_cfg(
-        "prepare",
-        [
-            "data=folder",
-            f"data.source.root={folder}",
-            "data.source.image_size=8",
-            "data.source.val_fraction=0.25",
-            "vae=identity",
-            f"data.prepared_dir={tmp / 'latents'}",
-            "num_workers=0",
-            "progress=false",
-            "data.reference.extractor=null",
-        ],
-    )
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp)
-    return prepare(cfg)
+    return prepare_tiny_folder(tmp_path_factory.mktemp("prepared"))
 
 
 def tiny_overrides(prepared, root, steps=4, extra=()):

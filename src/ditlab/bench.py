@@ -46,10 +46,10 @@ class CountingModel:
 
 # ------------------------------------------------------------------------------------------ sampling
 def bench_sampling(args) -> None:
+    import diffusers  # noqa: F401 - imported before timing, so the first diffusers sampler is not charged for it
+
     from ditlab.diffusion import CFGModel, FlowMatching, Sampler, create_diffusion
     from ditlab.models.dit import DiT
-
-    import diffusers  # noqa: F401 - imported before timing, so the first diffusers sampler is not charged for it
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -149,17 +149,23 @@ def bench_data(args) -> None:
     # Plain reference: a DataLoader over the same data already in memory as one tensor.
     data = torch.randn(args.count, 2, 2, *shape).half()
     labels = torch.randint(0, 10, (args.count,))
-    ref_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data, labels), batch_size=args.batch,
-                                             shuffle=True, num_workers=0, drop_last=True)
+    ref_loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(data, labels), batch_size=args.batch, shuffle=True, num_workers=0, drop_last=True
+    )
     start, n = time.perf_counter(), 0
     for block, _ in ref_loader:
         n += block.shape[0]
     ref_rate = n / (time.perf_counter() - start)
     median = statistics.median(rates)
-    print(f"# data: LatentDataModule, {args.count} samples of 4x{args.size}x{args.size} stored as (image, flip) x "
-          f"(mean, std) float16, batch {args.batch}, {args.workers} workers; {hardware()}")
+    print(
+        f"# data: LatentDataModule, {args.count} samples of 4x{args.size}x{args.size} stored as (image, flip) x "
+        f"(mean, std) float16, batch {args.batch}, {args.workers} workers; {hardware()}"
+    )
     print(f"loader, per epoch (samples/s): {', '.join(f'{r:,.0f}' for r in rates)}; median {median:,.0f}")
-    print(f"reference, in-memory TensorDataset + DataLoader: {ref_rate:,.0f} samples/s (loader = {median / ref_rate:.2f}x)")
+    print(
+        f"reference, in-memory TensorDataset + DataLoader: {ref_rate:,.0f} samples/s "
+        f"(loader = {median / ref_rate:.2f}x)"
+    )
     print(f"batch transform (flip + posterior sample + scale) on this CPU: {transform_rate:,.0f} samples/s")
 
 

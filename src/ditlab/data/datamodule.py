@@ -15,8 +15,13 @@ from lightning import LightningDataModule
 from ditlab.data.shards import read_meta
 
 
-def latents_from_block(block: torch.Tensor, scale_factor: float, generator: torch.Generator | None = None,
-                       flip: bool = True, sample_posterior: bool = True) -> torch.Tensor:
+def latents_from_block(
+    block: torch.Tensor,
+    scale_factor: float,
+    generator: torch.Generator | None = None,
+    flip: bool = True,
+    sample_posterior: bool = True,
+) -> torch.Tensor:
     """(N, 2, M, C, H, W) stored block -> (N, C, H, W) model-space latents.
 
     Picks the image or its flip per sample, draws z = mean + std * eps when the posterior (M = 2)
@@ -24,7 +29,11 @@ def latents_from_block(block: torch.Tensor, scale_factor: float, generator: torc
     """
     n = block.shape[0]
     device = block.device
-    which = (torch.rand(n, generator=generator, device=device) < 0.5).long() if flip else torch.zeros(n, dtype=torch.long, device=device)
+    which = (
+        (torch.rand(n, generator=generator, device=device) < 0.5).long()
+        if flip
+        else torch.zeros(n, dtype=torch.long, device=device)
+    )
     chosen = block[torch.arange(n, device=device), which].float()  # (N, M, C, H, W)
     z = chosen[:, 0]
     if chosen.shape[1] == 2 and sample_posterior:
@@ -69,9 +78,20 @@ class LatentDataModule(LightningDataModule):
         seed: shuffling and per-step sampling seed. flip / sample_posterior: augmentation switches.
     """
 
-    def __init__(self, path: str, batch_size: int = 128, num_workers: int = 2, pin_memory: bool = True,
-                 seed: int = 0, flip: bool = True, sample_posterior: bool = True, train_split: str = "train",
-                 val_split: str = "val", meta_path: str | None = None, drop_last: bool = True):
+    def __init__(
+        self,
+        path: str,
+        batch_size: int = 128,
+        num_workers: int = 2,
+        pin_memory: bool = True,
+        seed: int = 0,
+        flip: bool = True,
+        sample_posterior: bool = True,
+        train_split: str = "train",
+        val_split: str = "val",
+        meta_path: str | None = None,
+        drop_last: bool = True,
+    ):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
@@ -123,7 +143,9 @@ class LatentDataModule(LightningDataModule):
         location = f"{self.path.rstrip('/')}/{split}"
         if "://" not in self.path and not (Path(location) / "index.json").is_file():
             raise FileNotFoundError(f"split {split!r} missing in {self.path}: expected {location}/index.json")
-        return StreamingDataset(location, shuffle=shuffle, seed=self.seed, drop_last=self.drop_last if shuffle else False)
+        return StreamingDataset(
+            location, shuffle=shuffle, seed=self.seed, drop_last=self.drop_last if shuffle else False
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
@@ -132,9 +154,14 @@ class LatentDataModule(LightningDataModule):
             self.val_set = self._dataset(self.val_split, shuffle=False)
 
     def _loader(self, dataset):
-        return _resumable_loader_class()(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                                   pin_memory=self.pin_memory and torch.cuda.is_available(),
-                                   persistent_workers=self.num_workers > 0, drop_last=self.drop_last)
+        return _resumable_loader_class()(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            drop_last=self.drop_last,
+        )
 
     def train_dataloader(self):
         self.setup("fit")
@@ -150,7 +177,9 @@ class LatentDataModule(LightningDataModule):
         g.manual_seed(hash((self.seed, rank, step, stage)) & 0x7FFF_FFFF_FFFF_FFFF)
         return g
 
-    def to_model_batch(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def to_model_batch(
+        self, batch: dict, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         latents = latents_from_block(batch["latent"], self.scale_factor, generator, self.flip, self.sample_posterior)
         return latents, batch["label"].long()
 
@@ -160,6 +189,7 @@ class LatentDataModule(LightningDataModule):
         if trainer is None:
             generator = None
         else:
-            generator = self.step_generator(batch["latent"].device, trainer.global_rank, trainer.global_step,
-                                            stage=0 if training else 1)
+            generator = self.step_generator(
+                batch["latent"].device, trainer.global_rank, trainer.global_step, stage=0 if training else 1
+            )
         return self.to_model_batch(batch, generator)

@@ -29,14 +29,24 @@ def encode_with_flip(codec, images: torch.Tensor, store_posterior: bool) -> torc
     return torch.stack([moments[:n], moments[n:]], dim=1).to(torch.float16)  # (N, 2, M, C', H', W')
 
 
-def extract_split(source, codec, split_dir: Path, store_posterior: bool, batch_size: int = 256,
-                  num_workers: int = 0, device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
-                  progress: bool = True) -> dict:
+def extract_split(
+    source,
+    codec,
+    split_dir: Path,
+    store_posterior: bool,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+) -> dict:
     """Encode this rank's images (every world_size-th, starting at rank) and write its shards.
     Returns a summary: counts per class, skipped (unreadable) keys, images/s."""
     indices = list(range(rank, len(source), world_size))
-    loader = DataLoader(Subset(source, indices), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=collate_skipping_failures)
+    loader = DataLoader(
+        Subset(source, indices), batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skipping_failures
+    )
     writer = ShardWriter(split_dir, rank, world_size)
     per_class: Counter = Counter()
     skipped: list[str] = []
@@ -54,5 +64,9 @@ def extract_split(source, codec, split_dir: Path, store_posterior: bool, batch_s
     writer.finish()
     seconds = time.time() - start
     count = sum(per_class.values())
-    return {"count": count, "per_class": {int(k): v for k, v in sorted(per_class.items())},
-            "skipped": skipped, "images_per_s": round(count / max(seconds, 1e-9), 1)}
+    return {
+        "count": count,
+        "per_class": {int(k): v for k, v in sorted(per_class.items())},
+        "skipped": skipped,
+        "images_per_s": round(count / max(seconds, 1e-9), 1),
+    }

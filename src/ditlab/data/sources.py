@@ -16,7 +16,16 @@ from ditlab.data.transforms import center_crop_arr, uint8_to_model_range
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".jpe", ".ppm")
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -87,8 +96,9 @@ class ImageFolder(Dataset):
 
     name = "folder"
 
-    def __init__(self, root: str, split: str = "train", image_size: int = 256, val_fraction: float = 0.0,
-                 channels: int = 3):
+    def __init__(
+        self, root: str, split: str = "train", image_size: int = 256, val_fraction: float = 0.0, channels: int = 3
+    ):
         path = Path(root)
         if not path.is_dir():
             raise FileNotFoundError(f"image folder {root!r} does not exist; expected <root>/<class>/<image files>")

@@ -176,3 +176,24 @@ def test_multirun_sweep_gives_one_dir_per_job(prepared, tmp_path):
     for job, lr in zip(jobs, ["0.0001", "0.0002"]):
         assert (job / "metrics.json").is_file() and (job / "checkpoints" / "last.ckpt").is_file()
         assert f"lr: {lr}" in (job / ".hydra" / "config.yaml").read_text()
+
+
+def test_ema_warmup_decay_survives_a_state_dict_round_trip():
+    from ditlab.lit.ema import EMA
+
+    net = torch.nn.Linear(2, 2)
+    ema = EMA(net, decay=0.999, warmup=True)
+    for _ in range(5):
+        ema.update(net)
+    restored = EMA(net, decay=0.999, warmup=True)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.current_decay() == ema.current_decay() == 6 / 15
+    frozen = torch.nn.Linear(2, 2)
+    frozen.bias.requires_grad_(False)
+    ema2 = EMA(frozen, decay=0.5)
+    with torch.no_grad():
+        frozen.weight.add_(2.0)
+        frozen.bias.add_(2.0)
+    ema2.update(frozen)
+    # trainable parameters are averaged, frozen ones copied
+    assert torch.allclose(ema2.net.weight, frozen.weight - 1.0) and torch.equal(ema2.net.bias, frozen.bias)

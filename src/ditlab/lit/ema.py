@@ -23,12 +23,14 @@ class EMA(nn.Module):
         self.warmup = warmup
         self.net = copy.deepcopy(net).float().eval().requires_grad_(False)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        # A host-side copy of num_updates: reading the buffer every step would sync with the GPU.
+        self._count = 0
 
     def current_decay(self) -> float:
         # With warm-up the average forgets its random start quickly: min(decay, (1 + n) / (10 + n)).
         if not self.warmup:
             return self.decay
-        n = int(self.num_updates)
+        n = self._count
         return min(self.decay, (1 + n) / (10 + n))
 
     @torch.no_grad()
@@ -47,6 +49,13 @@ class EMA(nn.Module):
         for b, ema_b in zip(net.buffers(), self.net.buffers()):
             ema_b.copy_(b)
         self.num_updates += 1
+        self._count += 1
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        key = prefix + "num_updates"
+        if key in state_dict:
+            self._count = int(state_dict[key])  # once, on load
 
     def train(self, mode: bool = True):
         # The averaged copy always stays in eval mode (no label dropout when it samples).

@@ -220,4 +220,7 @@ def test_default_small_vae_reconstructs_fashion_mnist():
     meta = json.loads((prepared / "meta.json").read_text())
     codec = codec_from_meta(meta, prepared)
     psnr = reconstruction_psnr(codec, FashionMNIST(split="val"), count=1000)
+    # Measured on the first 1000 val images: 20.2 dB (VAE trained 268 steps while the CPU was shared) and
+    # 22.0 dB (293 steps, the fresh-clone make train run). 19 dB leaves ~1 dB for run-to-run and
+    # CPU-speed variation of a 150-second training; below it the grids visibly lose garment detail.
     assert psnr > 19.0

@@ -239,5 +239,6 @@ def test_benchmarks_run_on_tiny_sizes(capsys):
 
     main(["data", "--count", "300", "--size", "8", "--batch", "64", "--workers", "0", "--epochs", "1"])
     main(["train", "--batch", "4", "--hidden", "32", "--depth", "1", "--steps", "1", "--warmup", "0"])
+    main(["sampling", "--batch", "2", "--size", "4", "--hidden", "32", "--depth", "1"])
     out = capsys.readouterr().out
-    assert "samples/s" in out and "img/s" in out
+    assert "samples/s" in out and "img/s" in out and "dpmpp" in out

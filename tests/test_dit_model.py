@@ -197,9 +197,23 @@ def test_bad_sizes_are_rejected():
         build_dit("DiT-M/2")
 
 
-def test_sdpa_backward_matches_math_path():
+def test_sdpa_gradients_match_the_math_path():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     model = randomised(tiny()).train()
     model.y_embedder.dropout_prob = 0.0
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 7]), torch.tensor([1, 2])
-    F.mse_loss(model(x, t, y), torch.zeros(2, 8, 8, 8)).backward()
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+    def grads(backends):
+        model.zero_grad()
+        with sdpa_kernel(backends):
+            F.mse_loss(model(x, t, y), torch.zeros(2, 8, 8, 8)).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fused, math = (
+        grads([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]),
+        grads([SDPBackend.MATH]),
+    )
+    assert fused.keys() == math.keys() and len(fused) > 0
+    for name in fused:
+        assert torch.allclose(fused[name], math[name], atol=1e-6, rtol=1e-4), name

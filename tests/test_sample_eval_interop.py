@@ -47,6 +47,7 @@ def test_fid_callback_logs_its_metric_in_a_training_run(trained_run):
     assert 0 <= metrics["val/sample_accuracy_clf"] <= 1
     summary = json.loads((out / "metrics.json").read_text())
     assert "val/fid_clf" in summary["metrics"]
+    assert summary["weights_used"] == {"SampleGrid": "ema", "FIDCallback": "ema"}
 
 
 def run_module(module, args, cwd):

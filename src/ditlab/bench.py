@@ -44,12 +44,27 @@ class CountingModel:
         return self.model(x, t, y)
 
 
+def _bench_dit(args, learn_sigma: bool = True):
+    """The benchmarked DiT: 4-channel latents of ``args.size``, patch 2, 4 heads, 10 classes."""
+    from ditlab.models.dit import DiT
+
+    return DiT(
+        input_size=args.size,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=args.hidden,
+        depth=args.depth,
+        num_heads=4,
+        num_classes=10,
+        learn_sigma=learn_sigma,
+    )
+
+
 # ------------------------------------------------------------------------------------------ sampling
 def bench_sampling(args) -> None:
     import diffusers  # noqa: F401 - imported before timing, so the first diffusers sampler is not charged for it
 
     from ditlab.diffusion import CFGModel, FlowMatching, Sampler, create_diffusion
-    from ditlab.models.dit import DiT
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -62,20 +77,7 @@ def bench_sampling(args) -> None:
         ("flow", [("euler", 50), ("heun", 25)]),
     ):
         learn_sigma = objective_name == "ddpm"
-        net = (
-            DiT(
-                input_size=args.size,
-                patch_size=2,
-                in_channels=4,
-                hidden_size=args.hidden,
-                depth=args.depth,
-                num_heads=4,
-                num_classes=10,
-                learn_sigma=learn_sigma,
-            )
-            .to(device)
-            .eval()
-        )
+        net = _bench_dit(args, learn_sigma).to(device).eval()
         with torch.no_grad():  # non-zero outputs so that every sampler does real work
             for p in net.final_layer.parameters():
                 p.normal_(0, 0.02)
@@ -173,22 +175,13 @@ def bench_data(args) -> None:
 def bench_train(args) -> None:
     from ditlab.diffusion import create_diffusion
     from ditlab.lit.ema import EMA
-    from ditlab.models.dit import DiT
 
     device = torch.device(args.device)
     diffusion = create_diffusion()
 
     def make():
         torch.manual_seed(0)
-        return DiT(
-            input_size=args.size,
-            patch_size=2,
-            in_channels=4,
-            hidden_size=args.hidden,
-            depth=args.depth,
-            num_heads=4,
-            num_classes=10,
-        ).to(device)
+        return _bench_dit(args).to(device)
 
     x = torch.randn(args.batch, 4, args.size, args.size, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig
+
+from ditlab.runtime import exit_on_error
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -77,11 +78,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=str(Path(__file__).parent / "conf"), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"ditlab.evaluate: error: {str(err).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_error("ditlab.evaluate", evaluate, cfg)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +17,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
+
+from ditlab.runtime import exit_on_error
 
 log = logging.getLogger("ditlab.sample")
 FORMATS = ("npz", "png", "both")
@@ -127,11 +128,7 @@ def _grid(cfg, gen, model, sampler, device, out: Path) -> Path:
 
 @hydra.main(version_base="1.3", config_path=str(Path(__file__).parent / "conf"), config_name="sample")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"ditlab.sample: error: {str(err).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_error("ditlab.sample", run, cfg)
 
 
 if __name__ == "__main__":

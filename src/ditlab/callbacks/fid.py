@@ -13,6 +13,7 @@ import torch
 from lightning import Callback
 
 from ditlab.diffusion import CFGModel, Sampler
+from ditlab.runtime import at_optimizer_step
 
 log = logging.getLogger("ditlab.fid")
 
@@ -32,6 +33,7 @@ class FIDCallback(Callback):
         metrics=("fid",),
         seed: int = 0,
         at_end: bool = True,
+        use_ema: bool = True,
     ):
         if num_samples < 2:  # a covariance needs two samples
             raise ValueError(f"fid num_samples={num_samples} must be >= 2")
@@ -47,6 +49,7 @@ class FIDCallback(Callback):
         self.metrics = tuple(metrics)
         self.seed = seed
         self.at_end = at_end
+        self.use_ema = use_ema  # sample with the EMA weights (default) or the raw ones
         self._reference = self._extractor = self._codec = None
         self.enabled = True
         self.last: dict[str, float] = {}
@@ -74,14 +77,7 @@ class FIDCallback(Callback):
             self.weights_path = str(Path(dm.path) / "classifier")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step
-        if (
-            self.enabled
-            and self.every_n_steps > 0
-            and step > 0
-            and step % self.every_n_steps == 0
-            and not trainer.fit_loop._should_accumulate()
-        ):
+        if self.enabled and at_optimizer_step(trainer, self.every_n_steps):
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
@@ -105,7 +101,7 @@ class FIDCallback(Callback):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + rank)
         labels_all = torch.randint(0, dm.num_classes, (padded,), generator=torch.Generator().manual_seed(self.seed))
         model = CFGModel(
-            pl_module.ema.net,
+            pl_module.ema.net if self.use_ema else pl_module.net,
             self.cfg_scale,
             null_label=dm.num_classes,
             in_channels=dm.channels,

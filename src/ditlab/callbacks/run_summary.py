@@ -25,8 +25,11 @@ class RunSummary(Callback):
         summary = {
             "global_step": trainer.global_step,
             "fit_seconds": round(time.time() - self._start, 1),
-            "ema_weights_used_for_samples": True,
             "metrics": metrics,
+            # which weights each sampling callback used (grids, FID): "ema" or "raw"
+            "weights_used": {
+                type(cb).__name__: "ema" if cb.use_ema else "raw" for cb in trainer.callbacks if hasattr(cb, "use_ema")
+            },
         }
         for cb in trainer.callbacks:
             if type(cb).__name__ == "Throughput":

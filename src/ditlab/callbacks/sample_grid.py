@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
 from ditlab.diffusion import CFGModel, Sampler
+from ditlab.runtime import at_optimizer_step
 
 
 class SampleGrid(Callback):
@@ -26,6 +27,7 @@ class SampleGrid(Callback):
         guided_channels: int | None = None,
         seed: int = 0,
         at_end: bool = True,
+        use_ema: bool = True,
     ):
         self.out_dir = Path(out_dir)
         self.sampler = sampler
@@ -36,6 +38,7 @@ class SampleGrid(Callback):
         self.guided_channels = guided_channels
         self.seed = seed
         self.at_end = at_end
+        self.use_ema = use_ema  # sample with the EMA weights (default) or the raw ones
         self._codec = None
         self.last_path: Path | None = None
 
@@ -43,13 +46,7 @@ class SampleGrid(Callback):
         self.sampler.check(pl_module.objective)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step
-        if (
-            self.every_n_steps > 0
-            and step > 0
-            and step % self.every_n_steps == 0
-            and not trainer.fit_loop._should_accumulate()
-        ):
+        if at_optimizer_step(trainer, self.every_n_steps):
             self.make_grid(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
@@ -64,7 +61,7 @@ class SampleGrid(Callback):
         dm = trainer.datamodule
         if self._codec is None:
             self._codec = codec_from_meta(dm.meta, dm.path)
-        net = pl_module.ema.net
+        net = pl_module.ema.net if self.use_ema else pl_module.net
         device = pl_module.device
         num_classes = min(dm.num_classes, self.max_classes)
         labels = torch.arange(num_classes, device=device).repeat_interleave(self.per_class)  # one row per class

@@ -13,6 +13,7 @@ import torch
 from lightning import LightningDataModule
 
 from ditlab.data.shards import read_meta
+from ditlab.runtime import step_seed
 
 
 def latents_from_block(
@@ -174,7 +175,7 @@ class LatentDataModule(LightningDataModule):
     # ------------------------------------------------------------ per-batch sampling, on the device
     def step_generator(self, device: torch.device, rank: int, step: int, stage: int = 0) -> torch.Generator:
         g = torch.Generator(device=device)
-        g.manual_seed(hash((self.seed, rank, step, stage)) & 0x7FFF_FFFF_FFFF_FFFF)
+        g.manual_seed(step_seed(self.seed, rank, step, stage))
         return g
 
     def to_model_batch(

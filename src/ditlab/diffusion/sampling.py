@@ -26,7 +26,6 @@ from ditlab.diffusion.schedules import respaced_betas, space_timesteps
 
 GAUSSIAN_SAMPLERS = ("ddpm", "ddim", "dpmpp", "unipc", "euler", "heun")
 FLOW_SAMPLERS = ("euler", "heun")
-SAMPLERS = GAUSSIAN_SAMPLERS
 
 
 def _diffusers_scheduler(name: str, betas: torch.Tensor):

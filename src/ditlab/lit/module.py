@@ -13,10 +13,7 @@ import torch
 from lightning import LightningModule
 
 from ditlab.lit.ema import EMA
-
-
-def step_seed(seed: int, rank: int, step: int) -> int:
-    return hash((seed, rank, step)) & 0x7FFF_FFFF_FFFF_FFFF
+from ditlab.runtime import at_optimizer_step, step_seed
 
 
 class DiTModule(LightningModule):
@@ -68,7 +65,7 @@ class DiTModule(LightningModule):
     # ------------------------------------------------------------ training
     def training_step(self, batch, batch_idx: int):
         latents, labels = batch  # (N, C, H, W) model-space latents, (N,) labels
-        torch.manual_seed(step_seed(self.seed, self.global_rank, self.global_step * 1000 + batch_idx % 1000))
+        torch.manual_seed(step_seed(self.seed, self.global_rank, self.global_step, batch_idx))
         t = self.objective.sample_t(latents.shape[0], device=latents.device)
         terms = self.objective.training_losses(self._forward, latents, t, {"y": labels})
         loss = terms["loss"].mean()
@@ -88,13 +85,12 @@ class DiTModule(LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # Once per optimizer step (gradient accumulation: only on the step boundary).
-        if self.trainer.fit_loop._should_accumulate():
-            return
-        self.ema.update(self.net)
+        if at_optimizer_step(self.trainer, every_n_steps=1):
+            self.ema.update(self.net)
 
     def validation_step(self, batch, batch_idx: int):
         latents, labels = batch
-        torch.manual_seed(step_seed(self.seed + 1, self.global_rank, batch_idx))
+        torch.manual_seed(step_seed(self.seed, self.global_rank, -1, batch_idx))  # -1: validation
         t = self.objective.sample_t(latents.shape[0], device=latents.device)
         terms = self.objective.training_losses(self.ema.net, latents, t, {"y": labels})
         self.log("val/loss_ema", terms["loss"].mean(), on_epoch=True, sync_dist=True)

@@ -37,7 +37,7 @@ def prepare_tiny_folder(tmp: Path, reference: str | None = None) -> Path:
     ``reference="clf"`` also trains a 2-second classifier and writes its FID reference statistics."""
     from omegaconf import open_dict
 
-    from ditlab.prepare import prepare
+    from ditlab.data.preparation import prepare_dataset
 
     folder = make_image_folder(tmp / "images", per_class=16, size=(8, 8), corrupt=False)
     overrides = [
@@ -47,15 +47,15 @@ def prepare_tiny_folder(tmp: Path, reference: str | None = None) -> Path:
         "data.source.val_fraction=0.25",
         "vae=identity",
         f"data.prepared_dir={tmp / 'latents'}",
-        "num_workers=0",
-        "progress=false",
+        "encode.num_workers=0",
+        "encode.progress=false",
         f"data.reference.extractor={reference or 'null'}",
         "data.reference.classifier_seconds=2",
     ]
     cfg = compose_cfg("prepare", overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp)
-    return prepare(cfg)
+    return prepare_dataset(cfg)
 
 
 def randomised(model):

@@ -8,11 +8,12 @@ import torch
 from omegaconf import open_dict
 
 from ditlab.data.datamodule import LatentDataModule, latents_from_block
+from ditlab.data.preparation import prepare_dataset
 from ditlab.data.shards import ShardWriter
 from ditlab.data.sources import FashionMNIST, ImageFolder
 from ditlab.data.transforms import center_crop_arr
-from ditlab.prepare import prepare
-from ditlab.vae import PretrainedVAE, codec_from_meta, reconstruction_psnr, small_autoencoder
+from ditlab.metrics.reconstruction import reconstruction_psnr
+from ditlab.models.vae import PretrainedVAE, codec_from_meta, small_autoencoder
 from helpers import compose_cfg, make_image_folder
 
 
@@ -26,9 +27,9 @@ def prepare_cfg(tmp_path, folder, vae="identity", extra=()):
             "data.source.val_fraction=0.2",
             f"vae={vae}",
             f"data.prepared_dir={tmp_path / 'prepared'}",
-            "num_workers=0",
-            "progress=false",
-            "batch_size=8",
+            "encode.num_workers=0",
+            "encode.progress=false",
+            "encode.batch_size=8",
             "data.reference.extractor=null",
             *extra,
         ],
@@ -47,7 +48,7 @@ def read_items(split_dir):
 
 def test_prepare_image_folder_identity(tmp_path):
     folder = make_image_folder(tmp_path / "images")
-    out = prepare(prepare_cfg(tmp_path, folder))
+    out = prepare_dataset(prepare_cfg(tmp_path, folder))
     meta = json.loads((out / "meta.json").read_text())
     assert meta["classes"] == ["cat", "dog", "fox"] and meta["num_classes"] == 3
     assert meta["latent_shape"] == [3, 16, 16] and meta["latent_format"] == "sample"
@@ -69,17 +70,17 @@ def test_prepare_image_folder_identity(tmp_path):
 def test_prepare_rerun_skips_finished_work(tmp_path, caplog):
     folder = make_image_folder(tmp_path / "images", corrupt=False)
     cfg = prepare_cfg(tmp_path, folder)
-    out = prepare(cfg)
+    out = prepare_dataset(cfg)
     index_mtime = (out / "train" / "index.json").stat().st_mtime_ns
     (out / "meta.json").unlink()  # as if interrupted after the splits were written
     with caplog.at_level("INFO", logger="ditlab.prepare"):
-        prepare(cfg)
+        prepare_dataset(cfg)
     assert "train: already written, skipped" in caplog.text
     assert (out / "train" / "index.json").stat().st_mtime_ns == index_mtime
     assert json.loads((out / "meta.json").read_text())["splits"]["train"]["count"] == 24
     caplog.clear()
     with caplog.at_level("INFO", logger="ditlab.prepare"):
-        prepare(cfg)
+        prepare_dataset(cfg)
     assert "already prepared" in caplog.text
 
 
@@ -98,7 +99,7 @@ def test_prepare_small_kl_vae_trains_saves_and_reloads(tmp_path):
             "vae.codec.scale_samples=8",
         ],
     )
-    out = prepare(cfg)
+    out = prepare_dataset(cfg)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["latent_format"] == "posterior" and meta["latent_shape"] == [4, 8, 8]
     assert (out / "vae" / "diffusion_pytorch_model.safetensors").is_file()
@@ -158,7 +159,7 @@ def test_latents_from_block_flip_posterior_scale():
 def prepared(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("dm")
     folder = make_image_folder(tmp_path / "images", corrupt=False, per_class=20)
-    return prepare(prepare_cfg(tmp_path, folder))
+    return prepare_dataset(prepare_cfg(tmp_path, folder))
 
 
 def test_datamodule_batches_and_model_checks(prepared):
@@ -213,10 +214,10 @@ def test_default_small_vae_reconstructs_fashion_mnist():
 
     prepared = Path("data/fashion_mnist-small_kl")
     if not (prepared / "meta.json").is_file():
-        cfg = compose_cfg("prepare", ["progress=false"])
+        cfg = compose_cfg("prepare", ["encode.progress=false"])
         with open_dict(cfg):
             cfg.paths.output_dir = "outputs/prepare/test"
-        prepare(cfg)
+        prepare_dataset(cfg)
     meta = json.loads((prepared / "meta.json").read_text())
     codec = codec_from_meta(meta, prepared)
     psnr = reconstruction_psnr(codec, FashionMNIST(split="val"), count=1000)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ditlab.diffusion import CFGModel, FlowMatching, Sampler, create_diffusion, respace
+from ditlab.diffusion import SAMPLERS, CFGModel, FlowMatching, Sampler, create_diffusion, official_forward_with_cfg
 from ditlab.diffusion.gaussian import GaussianDiffusion
 from ditlab.diffusion.schedules import cosine_betas, linear_betas, space_timesteps
 from ditlab.models.dit import DiT
@@ -47,10 +47,11 @@ def check_gaussian_samples(samples, rel=0.05):
         ("ddpm", 250, False, 0.03),
         ("ddpm", 250, True, 0.03),
         ("ddim", 50, False, 0.05),
-        ("dpmpp", 20, False, 0.02),
+        ("ddim", 50, True, 0.05),
+        ("dpmpp_2m", 20, False, 0.02),
         ("unipc", 20, False, 0.02),
-        ("euler", 50, False, 0.05),
-        ("heun", 20, False, 0.03),
+        ("ode_euler", 50, False, 0.05),
+        ("ode_heun", 20, False, 0.03),
     ],
 )
 def test_samplers_recover_gaussian_data(name, steps, learn_sigma, rel):
@@ -58,8 +59,28 @@ def test_samplers_recover_gaussian_data(name, steps, learn_sigma, rel):
     noise = torch.randn(2000, 1, 4, 4, generator=torch.Generator().manual_seed(1))
     y = torch.zeros(2000, dtype=torch.long)
     gen = torch.Generator().manual_seed(2)
-    samples = Sampler(name, steps)(optimal_eps_model(diffusion, learn_sigma), diffusion, noise, y, generator=gen)
+    fresh_noise = lambda like: torch.randn(like.shape, generator=gen)  # noqa: E731
+    model = optimal_eps_model(diffusion, learn_sigma)
+    samples = Sampler(name, steps)(model, diffusion, noise, {"y": y}, noise=fresh_noise)
     check_gaussian_samples(samples, rel)
+
+
+def test_every_registered_sampler_is_tested_against_its_objective():
+    tested = {"ddpm", "ddim", "dpmpp_2m", "unipc", "ode_euler", "ode_heun", "flow_euler", "flow_heun"}
+    assert set(SAMPLERS) == tested
+
+
+def test_ddim_with_eta_one_is_as_noisy_as_ddpm_and_eta_zero_is_deterministic():
+    diffusion = create_diffusion(learn_sigma=False)
+    model = optimal_eps_model(diffusion)
+    x = torch.randn(2000, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    a = Sampler("ddim", 20)(model, diffusion, x, noise=lambda like: torch.randn_like(like))
+    b = Sampler("ddim", 20)(model, diffusion, x, noise=lambda like: torch.randn_like(like))
+    assert torch.equal(a, b)  # eta = 0 never draws
+    noisy = Sampler("ddim", 250, eta=1.0)(model, diffusion, x)  # stochastic: needs more steps
+    check_gaussian_samples(noisy, 0.05)
+    with pytest.raises(ValueError, match="has no option 'eta'"):
+        Sampler("ddpm", 50, eta=1.0)
 
 
 def optimal_velocity(x, t, y=None):
@@ -67,10 +88,10 @@ def optimal_velocity(x, t, y=None):
     return (t - (1 - t) * S**2) / ((1 - t) ** 2 * S**2 + t**2) * x
 
 
-@pytest.mark.parametrize("name,steps,rel", [("euler", 50, 0.05), ("heun", 10, 0.02)])
+@pytest.mark.parametrize("name,steps,rel", [("flow_euler", 50, 0.05), ("flow_heun", 10, 0.02)])
 def test_flow_samplers_recover_gaussian_data(name, steps, rel):
     noise = torch.randn(2000, 1, 4, 4, generator=torch.Generator().manual_seed(1))
-    samples = Sampler(name, steps)(optimal_velocity, FlowMatching(), noise, torch.zeros(2000, dtype=torch.long))
+    samples = Sampler(name, steps)(optimal_velocity, FlowMatching(), noise)
     check_gaussian_samples(samples, rel)
 
 
@@ -145,14 +166,16 @@ def test_respaced_process_hands_model_original_timesteps():
         seen.append(int(t[0]))
         return torch.zeros_like(x)
 
-    Sampler("ddpm", 250)(model, base, torch.randn(1, 1, 2, 2), torch.zeros(1, dtype=torch.long))
+    Sampler("ddpm", 250)(model, base, torch.randn(1, 1, 2, 2))
     assert seen == sorted(space_timesteps(1000, "250"), reverse=True)
     assert seen[0] == 999 and seen[-1] == 0 and len(seen) == 250
     ddim = create_diffusion("ddim50")
     assert ddim.timestep_map.tolist() == list(range(0, 1000, 20))
     # the respaced process keeps alpha-bar at the kept steps
     assert torch.allclose(ddim.alphas_cumprod, base.alphas_cumprod[ddim.timestep_map])
-    assert torch.allclose(respace(base, "250").alphas_cumprod, create_diffusion("250").alphas_cumprod)
+    assert torch.allclose(base.respaced(250).alphas_cumprod, create_diffusion("250").alphas_cumprod)
+    with pytest.raises(ValueError, match="already respaced"):
+        ddim.respaced(10)
 
 
 def test_schedules_and_respacing_errors():
@@ -169,8 +192,10 @@ def test_schedules_and_respacing_errors():
         Sampler("ddmp", 10)
     with pytest.raises(ValueError, match="steps=0"):
         Sampler("ddim", 0)
-    with pytest.raises(ValueError, match="flow matching supports"):
-        Sampler("dpmpp", 10).check(FlowMatching())
+    with pytest.raises(ValueError, match="FlowMatching supports .'flow_euler', 'flow_heun'."):
+        Sampler("dpmpp_2m", 10).check(FlowMatching())
+    with pytest.raises(ValueError, match="GaussianDiffusion supports"):
+        Sampler("flow_euler", 10).check(create_diffusion())
     with pytest.raises(ValueError, match="exceeds"):
         Sampler("ddpm", 2000).check(create_diffusion())
 
@@ -198,8 +223,8 @@ def test_cfg_wrapper_matches_model_forward_with_cfg_for_dit():
             p.normal_(0, 0.1)
     model.eval()
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([7, 7]), torch.tensor([1, 3])
-    official = model.forward_with_cfg(
-        torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 5)]), 3.0, guided_channels=3
+    official = official_forward_with_cfg(
+        model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 5)]), 3.0, guided_channels=3
     )
     wrapped = CFGModel(model, 3.0, null_label=5, in_channels=4, guided_channels=3)(x, t, y)
     assert torch.allclose(official[:2], wrapped, atol=1e-6)
@@ -241,4 +266,4 @@ def test_benchmarks_run_on_tiny_sizes(capsys):
     main(["train", "--batch", "4", "--hidden", "32", "--depth", "1", "--steps", "1", "--warmup", "0"])
     main(["sampling", "--batch", "2", "--size", "4", "--hidden", "32", "--depth", "1"])
     out = capsys.readouterr().out
-    assert "samples/s" in out and "img/s" in out and "dpmpp" in out
+    assert "samples/s" in out and "img/s" in out and "dpmpp_2m" in out

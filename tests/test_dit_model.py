@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ditlab.diffusion import official_forward_with_cfg
 from ditlab.models.dit import DIT_CONFIGS, DiT, build_dit
 from ditlab.models.flops import forward_macs
 from ditlab.models.official import infer_dit_kwargs, load_official_checkpoint
@@ -111,12 +112,32 @@ def test_sdpa_attention_equals_plain_softmax():
     assert torch.allclose(attn(x), reference, atol=1e-5)
 
 
+def test_attention_runs_a_fused_sdpa_kernel():
+    """The attention goes through a fused kernel (CPU: flash attention), not an unfused matmul-softmax."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RecordOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    attn = tiny().blocks[0].attn
+    with torch.no_grad(), RecordOps() as recorder:
+        attn(torch.randn(2, 16, 64))
+    assert any("_scaled_dot_product_flash_attention" in op for op in recorder.ops), sorted(recorder.ops)
+    assert not any(op.endswith("_softmax") or op == "aten.softmax" for op in recorder.ops)
+
+
 def test_forward_with_cfg_scale_one_is_conditional():
     model = randomised(tiny())
     x = torch.randn(2, 4, 8, 8)
     t = torch.tensor([10, 10, 10, 10])
     y = torch.tensor([3, 4, 10, 10])
-    out = model.forward_with_cfg(torch.cat([x, x]), t, y, cfg_scale=1.0)
+    out = official_forward_with_cfg(model, torch.cat([x, x]), t, y, cfg_scale=1.0)
     cond = model(x, t[:2], y[:2])
     assert torch.allclose(out[:2], cond, atol=1e-6)
 
@@ -128,22 +149,28 @@ def test_forward_with_cfg_guided_channels_three_is_official():
     y = torch.tensor([3, 4, 10, 10])
     both = model(torch.cat([x, x]), t, y)
     cond, uncond = both[:2], both[2:]
-    out = model.forward_with_cfg(torch.cat([x, x]), t, y, cfg_scale=4.0, guided_channels=3)
+    out = official_forward_with_cfg(model, torch.cat([x, x]), t, y, cfg_scale=4.0, guided_channels=3)
     # official: eps[:, :3] guided, everything from channel 3 on (4th latent + variance) untouched
     assert torch.equal(out[:2, :3], uncond[:, :3] + 4.0 * (cond[:, :3] - uncond[:, :3]))
     assert torch.equal(out[:2, 3:], cond[:, 3:])
     assert torch.equal(out[2:, 3:], uncond[:, 3:])
-    default = model.forward_with_cfg(torch.cat([x, x]), t, y, cfg_scale=4.0)
+    default = official_forward_with_cfg(model, torch.cat([x, x]), t, y, cfg_scale=4.0)
     assert torch.allclose(default[:2, :4], uncond[:, :4] + 4.0 * (cond[:, :4] - uncond[:, :4]))
     assert torch.equal(default[:2, 4:], cond[:, 4:])
 
 
 def test_label_dropout_only_in_training():
-    model = tiny(class_dropout_prob=1.0)
-    y = torch.tensor([1, 2, 3])
+    """Through DiT.forward: train mode drops every label (p = 1) to the null class, eval mode never."""
+    model = randomised(tiny(class_dropout_prob=1.0))
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([5, 50, 500]), torch.tensor([1, 2, 3])
+    null = torch.full_like(y, 10)
+    model.eval()
+    conditional, unconditional = model(x, t, y), model(x, t, null)
+    assert not torch.allclose(conditional, unconditional)
     model.train()
-    assert torch.equal(model.y_embedder(y, True), model.y_embedder.embedding_table.weight[[10, 10, 10]])
-    assert torch.equal(model.y_embedder(y, False), model.y_embedder.embedding_table.weight[[1, 2, 3]])
+    assert torch.equal(model(x, t, y), unconditional)
+    model.eval()
+    assert torch.equal(model(x, t, y), conditional)
 
 
 def test_official_checkpoint_round_trip(tmp_path):

@@ -6,8 +6,9 @@ import torch
 
 from ditlab.data.sources import FashionMNIST
 from ditlab.data.transforms import model_range_to_uint8
-from ditlab.metrics.classifier import load_classifier, train_classifier
 from ditlab.metrics.fidelity import Extractor, ReferenceStats, compute_metrics, metric_suffix
+from ditlab.models.classifier import load_classifier
+from ditlab.training.fit_classifier import train_classifier
 
 
 def fmnist_uint8(split, start, count):
@@ -24,15 +25,22 @@ def extractor(tmp_path_factory):
     val = torch.utils.data.Subset(val_set, range(2000))
     # 200 steps (fixed, so the test is deterministic): enough for a feature space; prepare trains for
     # 60 s (its accuracy is recorded in experiments/fmnist_cpu)
-    info = train_classifier(subset, val, 10, path, seconds=600, max_steps=200, batch_size=128)
+    trained, info = train_classifier(subset, val, 10, path, seconds=600, max_steps=200, batch_size=128)
     assert info["val_accuracy"] > 0.6
-    return Extractor("clf", str(path))
+    extractor = Extractor("clf", str(path))
+    extractor.trained = trained  # the in-memory model, for the round-trip test
+    return extractor
 
 
 def test_classifier_round_trip(extractor, tmp_path):
-    model = load_classifier(extractor.weights_path)
-    x = torch.randn(2, 1, 32, 32)
-    assert torch.equal(model(x)[1], extractor.model.model(x)[1])
+    """The saved classifier (safetensors + JSON) reloads into the very model that was trained."""
+    loaded, trained = load_classifier(extractor.weights_path), extractor.trained
+    assert not trained.training and not loaded.training
+    x = torch.randn(4, 1, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(loaded(x), trained(x)):
+            assert torch.equal(a, b)
+    assert loaded.state_dict().keys() == trained.state_dict().keys()
 
 
 def test_fid_self_halves_noise_and_other_metrics(extractor):

@@ -1,6 +1,7 @@
 """ditlab.sample / ditlab.evaluate end to end, the official-checkpoint path, diffusers interop."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -8,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+import ditlab.models.dit as dit_module
 from ditlab.interop.diffusers_dit import from_diffusers, to_diffusers
 from ditlab.models.dit import DiT, build_dit
+from ditlab.models.vae import small_autoencoder
 from ditlab.train import train
-from ditlab.vae import small_autoencoder
 from helpers import compose_cfg, prepare_tiny_folder, randomised
 from test_train import compose_run
 
@@ -95,6 +97,37 @@ def test_sample_writes_adm_npz_and_evaluate_reads_it(trained_run, prepared_with_
     )
 
 
+def test_fid_during_training_equals_sample_then_evaluate(trained_run, prepared_with_reference, tmp_path):
+    """One generation path: ditlab.sample + ditlab.evaluate on last.ckpt's EMA, with the FID callback's
+    sampler, guidance, seed and sample count (but another batch size), give the callback's fid_clf."""
+    out, metrics = trained_run
+    sampled = run_module(
+        "ditlab.sample",
+        [
+            f"ckpt={out / 'checkpoints' / 'last.ckpt'}",
+            "num_samples=12",
+            "batch_size=5",
+            "sampler=ddim50",
+            "sampler.steps=4",
+            "cfg_scale=1.5",
+            "seed=0",
+            f"out={tmp_path / 's'}",
+        ],
+        cwd=tmp_path,
+    )
+    assert sampled.returncode == 0, sampled.stderr[-2000:]
+    npz = tmp_path / "s" / "samples_12x8x8x3.npz"
+    evaluated = run_module(
+        "ditlab.evaluate",
+        [f"samples={npz}", f"reference={prepared_with_reference}", "extractor=clf", "metrics=[fid]"],
+        cwd=tmp_path,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    written = json.loads(npz.with_name(npz.name + ".metrics.json").read_text())["metrics"]
+    assert written["fid_clf"] == pytest.approx(metrics["val/fid_clf"], rel=1e-3)
+    assert written["sample_accuracy_clf"] == pytest.approx(metrics["val/sample_accuracy_clf"])
+
+
 def test_sample_from_an_official_checkpoint_with_a_local_vae(tmp_path):
     net = randomised(build_dit("DiT-S/8", input_size=8, num_classes=5))
     torch.save(net.state_dict(), tmp_path / "DiT-S-8-64.pt")
@@ -130,11 +163,22 @@ def test_diffusers_export_matches_diffusers_implementation_and_round_trips():
         ours = model(x, t0, y)
         out = theirs(x, timestep=t0, class_labels=y).sample
     assert torch.allclose(ours, out, atol=1e-5)
-    # At t > 0 the two differ only by diffusers' timestep frequencies (i / 127 instead of i / 128).
+    # At t > 0 the two differ only by diffusers' timestep frequencies (exp(-ln(1e4) i / 127) instead
+    # of i / 128): with that one change our model reproduces diffusers' output exactly.
     t = torch.tensor([10, 500, 999])
     with torch.no_grad():
-        gap = (model(x, t, y) - theirs(x, timestep=t, class_labels=y).sample).abs().max().item()
-    assert 0 < gap < 10 * ours.abs().max().item()
+        out = theirs(x, timestep=t, class_labels=y).sample
+        assert not torch.allclose(model(x, t, y), out, atol=1e-4)
+
+        def diffusers_frequencies(steps, dim, max_period=10000.0):
+            half = dim // 2
+            freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / (half - 1))
+            args = steps[:, None].float() * freqs[None]
+            return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(dit_module, "timestep_embedding", diffusers_frequencies)
+            assert torch.allclose(model(x, t, y), out, atol=1e-5)
     back = from_diffusers(theirs)
     for key, value in model.state_dict().items():
         assert torch.equal(value, back.state_dict()[key]), key

@@ -72,9 +72,17 @@ def bench_sampling(args) -> None:
     for objective_name, samplers in (
         (
             "ddpm",
-            [("ddpm", 250), ("ddpm", 50), ("ddim", 50), ("dpmpp", 20), ("unipc", 20), ("euler", 50), ("heun", 25)],
+            [
+                ("ddpm", 250),
+                ("ddpm", 50),
+                ("ddim", 50),
+                ("dpmpp_2m", 20),
+                ("unipc", 20),
+                ("ode_euler", 50),
+                ("ode_heun", 25),
+            ],
         ),
-        ("flow", [("euler", 50), ("heun", 25)]),
+        ("flow", [("flow_euler", 50), ("flow_heun", 25)]),
     ):
         learn_sigma = objective_name == "ddpm"
         net = _bench_dit(args, learn_sigma).to(device).eval()
@@ -88,7 +96,7 @@ def bench_sampling(args) -> None:
             y = torch.randint(0, 10, (args.batch,), device=device)
             sampler = Sampler(name, steps)
             start = time.perf_counter()
-            sampler(model, objective, noise, y)
+            sampler(model, objective, noise, {"y": y})
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
@@ -97,10 +105,10 @@ def bench_sampling(args) -> None:
         f"# sampling: DiT hidden {args.hidden} depth {args.depth} on {args.size}x{args.size}x4 latents, "
         f"batch {args.batch}, cfg {args.cfg_scale}; {hardware()}"
     )
-    print(f"{'objective':<10}{'sampler':<8}{'steps':>6}{'NFE':>6}{'s/image':>10}{'vs ddpm250':>12}")
+    print(f"{'objective':<10}{'sampler':<12}{'steps':>6}{'NFE':>6}{'s/image':>10}{'vs ddpm250':>12}")
     reference = results[0][4]
     for objective_name, name, steps, nfe, spi in results:
-        print(f"{objective_name:<10}{name:<8}{steps:>6}{nfe:>6}{spi:>10.4f}{reference / spi:>11.1f}x")
+        print(f"{objective_name:<10}{name:<12}{steps:>6}{nfe:>6}{spi:>10.4f}{reference / spi:>11.1f}x")
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -174,7 +182,7 @@ def bench_data(args) -> None:
 # ------------------------------------------------------------------------------------------ train step
 def bench_train(args) -> None:
     from ditlab.diffusion import create_diffusion
-    from ditlab.lit.ema import EMA
+    from ditlab.training.ema import EMA
 
     device = torch.device(args.device)
     diffusion = create_diffusion()

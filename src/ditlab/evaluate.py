@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from ditlab.runtime import exit_on_error
+from ditlab.cli import exit_on_error
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -50,7 +50,8 @@ def resolve_reference(reference: str, extractor: str, weights_path: str | None):
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    from ditlab.metrics.fidelity import Extractor, ReferenceStats, compute_metrics
+    from ditlab.metrics.fidelity import Extractor, compute_metrics
+    from ditlab.metrics.reference import ReferenceStats
 
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     images, labels = load_samples(cfg.samples)

@@ -1,8 +1,9 @@
 """``python -m ditlab.sample ckpt=... num_samples=N``: samples as an ADM-format .npz and/or PNGs.
 
 ADM's evaluator reads ``arr_0``: uint8 (N, H, W, C). The class labels go beside it as ``labels``.
-With torchrun each rank samples indices rank, rank + world, ... with its own seeds and writes its
-own part; rank 0 merges the parts in index order, so the result does not depend on the world size.
+With torchrun each rank samples indices rank, rank + world, ... and writes its own part; rank 0
+merges the parts in index order. Sample i's noise comes from its own stream (seed, i), so the
+result does not depend on the world size or the batch size (``ditlab.inference.generate``).
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from ditlab.runtime import exit_on_error
+from ditlab.cli import exit_on_error
+from ditlab.inference import Guidance, check_labels, generate, load_model, sample_labels
 
 log = logging.getLogger("ditlab.sample")
 FORMATS = ("npz", "png", "both")
 
 
-def _labels(cfg, gen, count: int) -> torch.Tensor:
+def _labels(cfg, num_classes: int, count: int) -> torch.Tensor:
     if cfg.labels is None:
-        return torch.randint(0, gen.num_classes, (count,), generator=torch.Generator().manual_seed(cfg.seed))
+        return sample_labels(num_classes, count, cfg.seed)
     given = torch.tensor(list(cfg.labels), dtype=torch.long)
     return given.repeat(-(-count // len(given)))[:count]
 
@@ -44,41 +46,38 @@ def run(cfg: DictConfig) -> Path:
     from hydra.utils import instantiate
 
     from ditlab.data.transforms import model_range_to_uint8
-    from ditlab.generation import load_generator
 
     if cfg.format not in FORMATS:
         raise ValueError(f"format={cfg.format!r}; expected one of {FORMATS}")
     if cfg.num_samples < 1:
         raise ValueError(f"num_samples={cfg.num_samples} must be >= 1")
+    guidance = Guidance(cfg.cfg_scale, cfg.guided_channels, cfg.guidance_interval)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.backends.cuda.matmul.allow_tf32 = True
+    bundle = load_model(cfg.ckpt, cfg.ema, cfg.vae_path)
+    sampler = instantiate(cfg.sampler)
+    sampler.check(bundle.objective)
+    if cfg.grid:
+        classes = min(bundle.num_classes, cfg.max_classes)
+        labels = torch.arange(classes).repeat_interleave(cfg.per_class)  # one row per class
+    else:
+        labels = _labels(cfg, bundle.num_classes, cfg.num_samples)
+    check_labels(labels, bundle.num_classes)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    gen = load_generator(cfg.ckpt, cfg.ema, cfg.vae_path).to(device)
-    sampler = instantiate(cfg.sampler)
-    sampler.check(gen.objective)
-    model = gen.guided(cfg.cfg_scale, cfg.guided_channels, cfg.guidance_interval)
-    log.info(f"{gen.source}; {sampler.name} x {sampler.steps} steps, cfg {cfg.cfg_scale}; writing to {out}")
+    bundle.to(device)
+    log.info(f"{bundle.source}; {sampler.describe()}, cfg {cfg.cfg_scale}; writing to {out}")
 
     if cfg.grid:
-        return _grid(cfg, gen, model, sampler, device, out)
-    labels = _labels(cfg, gen, cfg.num_samples)
-    gen.check_labels(labels)
-    mine = torch.arange(rank, cfg.num_samples, world)
+        return _grid(bundle, sampler, guidance, labels, cfg, device, out)
+    mine = torch.arange(rank, cfg.num_samples, world)  # this rank's sample indices
     images, start = [], time.time()
     for chunk in tqdm(mine.split(cfg.batch_size), desc=f"rank {rank}", disable=rank != 0):
-        # Noise from (seed, first index of the chunk): reproducible whatever the world size.
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(chunk[0]))
-        noise = torch.randn(len(chunk), *gen.latent_shape, generator=g).to(device)
-        y = labels[chunk].to(device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            latents = sampler(
-                model, gen.objective, noise, y, generator=torch.Generator(device).manual_seed(int(chunk[0]))
-            )
-        batch = model_range_to_uint8(gen.codec.decode(latents.float()).float()).cpu().numpy()  # (n, H, W, C)
+        decoded = _generate(bundle, sampler, guidance, labels[chunk], chunk, cfg, device)
+        batch = model_range_to_uint8(decoded).numpy()  # (n, H, W, C)
         images.append(batch)
         if cfg.format in ("png", "both"):
             for index, array in zip(chunk.tolist(), batch):
@@ -91,6 +90,23 @@ def run(cfg: DictConfig) -> Path:
     if rank == 0 and cfg.format in ("npz", "both"):
         _merge_parts(out, world, cfg.num_samples, labels.numpy())
     return out
+
+
+def _generate(bundle, sampler, guidance, labels, indices, cfg, device) -> torch.Tensor:
+    return generate(
+        bundle.net,
+        bundle.objective,
+        sampler,
+        labels,
+        indices,
+        latent_shape=bundle.latent_shape,
+        null_label=bundle.num_classes,
+        codec=bundle.codec,
+        guidance=guidance,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        device=device,
+    )
 
 
 def _merge_parts(out: Path, world: int, count: int, labels: np.ndarray) -> Path:
@@ -112,14 +128,10 @@ def _merge_parts(out: Path, world: int, count: int, labels: np.ndarray) -> Path:
     return path
 
 
-def _grid(cfg, gen, model, sampler, device, out: Path) -> Path:
+def _grid(bundle, sampler, guidance, labels, cfg, device, out: Path) -> Path:
     from torchvision.utils import make_grid, save_image
 
-    classes = min(gen.num_classes, cfg.max_classes)
-    labels = torch.arange(classes).repeat_interleave(cfg.per_class).to(device)
-    noise = torch.randn(len(labels), *gen.latent_shape, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    latents = sampler(model, gen.objective, noise, labels, generator=torch.Generator(device).manual_seed(cfg.seed))
-    images = gen.codec.decode(latents).float().clamp(-1, 1).cpu()
+    images = _generate(bundle, sampler, guidance, labels, torch.arange(len(labels)), cfg, device)
     path = out / "grid.png"
     save_image(make_grid((images + 1) / 2, nrow=cfg.per_class, padding=2, pad_value=1.0), path)
     log.info(f"wrote {path}")

@@ -27,8 +27,8 @@ class ConfigError(ValueError):
 
 def build(cfg: DictConfig):
     """Instantiate and cross-check everything a run needs. Raises ConfigError on a bad config."""
+    from ditlab.data.preparation import prepare_dataset
     from ditlab.data.shards import META_FILE
-    from ditlab.prepare import prepare
 
     prepared = Path(cfg.data.prepared_dir)
     if not (prepared / META_FILE).is_file():
@@ -38,7 +38,7 @@ def build(cfg: DictConfig):
                 f"vae={cfg.vae.name} (or set prepare_if_missing=true)"
             )
         log.info(f"{prepared} is not prepared yet: preparing it first")
-        prepare(cfg)
+        prepare_dataset(cfg)
     try:
         datamodule = instantiate(cfg.data.module)
         m = cfg.model

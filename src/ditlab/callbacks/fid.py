@@ -1,6 +1,7 @@
 """FID during training: every N steps, K samples from the EMA weights with the configured sampler
-and guidance, split across ranks with per-rank seeds, decoded, featurised, gathered, and scored
-against the reference statistics stored by ``prepare``. Logs ``val/fid`` (Inception) or
+and guidance (``ditlab.inference.generate``: sample i's noise depends on i only, so the score does
+not depend on the number of GPUs), split across ranks, featurised, gathered, and scored against
+the reference statistics stored by ``prepare``. Logs ``val/fid`` (Inception) or
 ``val/fid_clf`` (the dataset classifier) and, for the classifier, ``val/sample_accuracy_clf``."""
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from pathlib import Path
 import torch
 from lightning import Callback
 
-from ditlab.diffusion import CFGModel, Sampler
-from ditlab.runtime import at_optimizer_step
+from ditlab.diffusion import Sampler
+from ditlab.inference import Guidance, generate, sample_labels
+from ditlab.training.steps import at_optimizer_step
 
 log = logging.getLogger("ditlab.fid")
 
@@ -41,8 +43,7 @@ class FIDCallback(Callback):
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.batch_size = batch_size
-        self.cfg_scale = cfg_scale
-        self.guided_channels = guided_channels
+        self.guidance = Guidance(cfg_scale, guided_channels)
         self.extractor_kind = extractor
         self.reference_path = reference
         self.weights_path = weights_path
@@ -55,7 +56,7 @@ class FIDCallback(Callback):
         self.last: dict[str, float] = {}
 
     def setup(self, trainer, pl_module, stage):
-        from ditlab.metrics.fidelity import ReferenceStats
+        from ditlab.metrics.reference import ReferenceStats
 
         dm = trainer.datamodule
         self.sampler.check(pl_module.objective)
@@ -88,7 +89,7 @@ class FIDCallback(Callback):
     def evaluate(self, trainer, pl_module) -> dict[str, float]:
         from ditlab.data.transforms import model_range_to_uint8
         from ditlab.metrics.fidelity import Extractor, compute_metrics
-        from ditlab.vae import codec_from_meta
+        from ditlab.models.vae import codec_from_meta
 
         start = time.time()
         dm, device = trainer.datamodule, pl_module.device
@@ -97,33 +98,25 @@ class FIDCallback(Callback):
             self._extractor = Extractor(self.extractor_kind, self.weights_path, device=str(device))
         rank, world = trainer.global_rank, trainer.world_size
         padded = -(-self.num_samples // world) * world  # equal shares, so that all_gather lines up
-        mine = list(range(rank, padded, world))  # this rank's sample indices
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + rank)
-        labels_all = torch.randint(0, dm.num_classes, (padded,), generator=torch.Generator().manual_seed(self.seed))
-        model = CFGModel(
+        mine = torch.arange(rank, padded, world)  # this rank's sample indices
+        labels = sample_labels(dm.num_classes, self.num_samples, self.seed)
+        labels = torch.cat([labels, labels.new_zeros(padded - self.num_samples)])[mine]  # padding: dropped below
+        images = generate(
             pl_module.ema.net if self.use_ema else pl_module.net,
-            self.cfg_scale,
+            pl_module.objective,
+            self.sampler,
+            labels,
+            mine,
+            latent_shape=dm.latent_shape,
             null_label=dm.num_classes,
-            in_channels=dm.channels,
-            guided_channels=self.guided_channels,
+            codec=self._codec,
+            guidance=self.guidance,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            device=device,
         )
-        feats, logits, labels = [], [], []
-        for chunk in torch.tensor(mine, dtype=torch.long).split(self.batch_size):
-            y = labels_all[chunk].to(device)
-            noise = torch.randn(len(chunk), *dm.latent_shape, generator=generator).to(device)
-            latents = self.sampler(
-                model,
-                pl_module.objective,
-                noise,
-                y,
-                generator=torch.Generator(device=device).manual_seed(self.seed + int(chunk[0])),
-            )
-            images = model_range_to_uint8(self._codec.decode(latents).float()).permute(0, 3, 1, 2)  # (n, C, H, W)
-            out = self._extractor(images)
-            feats.append(out["features"])
-            logits.append(out["logits"])
-            labels.append(y.cpu())
-        local = {"features": torch.cat(feats), "logits": torch.cat(logits), "labels": torch.cat(labels)}
+        out = self._extractor(model_range_to_uint8(images).permute(0, 3, 1, 2))  # uint8 (n, C, H, W) in
+        local = {"features": out["features"], "logits": out["logits"], "labels": labels}
         if world > 1:
             gathered = {k: pl_module.all_gather(v.to(device)) for k, v in local.items()}  # (world, n, ...)
             # gathered[r][i] is sample r + i * world: interleave back to sample order, drop the padding

@@ -1,5 +1,6 @@
-"""A fixed grid of samples from the EMA weights: one row per class, same noise every time, so the
-grids of one run show the model's progress. Saved as PNG in the run dir and sent to the loggers."""
+"""A fixed grid of samples: one row per class, the same noise every time (sample i's own stream),
+so the grids of one run show the model's progress. Saved as PNG in the run dir and sent to the
+loggers. Thin: the sampling is ``ditlab.inference.generate``."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from lightning import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
-from ditlab.diffusion import CFGModel, Sampler
-from ditlab.runtime import at_optimizer_step
+from ditlab.diffusion import Sampler
+from ditlab.inference import Guidance, generate
+from ditlab.training.steps import at_optimizer_step
 
 
 class SampleGrid(Callback):
@@ -34,8 +36,7 @@ class SampleGrid(Callback):
         self.every_n_steps = every_n_steps
         self.per_class = per_class
         self.max_classes = max_classes
-        self.cfg_scale = cfg_scale
-        self.guided_channels = guided_channels
+        self.guidance = Guidance(cfg_scale, guided_channels)
         self.seed = seed
         self.at_end = at_end
         self.use_ema = use_ema  # sample with the EMA weights (default) or the raw ones
@@ -56,28 +57,26 @@ class SampleGrid(Callback):
     @rank_zero_only
     @torch.no_grad()
     def make_grid(self, trainer, pl_module) -> Path:
-        from ditlab.vae import codec_from_meta
+        from ditlab.models.vae import codec_from_meta
 
         dm = trainer.datamodule
         if self._codec is None:
-            self._codec = codec_from_meta(dm.meta, dm.path)
-        net = pl_module.ema.net if self.use_ema else pl_module.net
-        device = pl_module.device
-        num_classes = min(dm.num_classes, self.max_classes)
-        labels = torch.arange(num_classes, device=device).repeat_interleave(self.per_class)  # one row per class
-        generator = torch.Generator().manual_seed(self.seed)
-        noise = torch.randn(len(labels), *dm.latent_shape, generator=generator).to(device)
-        model = CFGModel(
-            net,
-            self.cfg_scale,
+            self._codec = codec_from_meta(dm.meta, dm.path).to(pl_module.device)
+        labels = torch.arange(min(dm.num_classes, self.max_classes)).repeat_interleave(self.per_class)  # row per class
+        images = generate(
+            pl_module.ema.net if self.use_ema else pl_module.net,
+            pl_module.objective,
+            self.sampler,
+            labels,
+            torch.arange(len(labels)),
+            latent_shape=dm.latent_shape,
             null_label=dm.num_classes,
-            in_channels=dm.channels,
-            guided_channels=self.guided_channels,
+            codec=self._codec,
+            guidance=self.guidance,
+            seed=self.seed,
+            batch_size=len(labels),
+            device=pl_module.device,
         )
-        latents = self.sampler(
-            model, pl_module.objective, noise, labels, generator=torch.Generator(device=device).manual_seed(self.seed)
-        )
-        images = self._codec.to(device).decode(latents).float().clamp(-1, 1).cpu()
         grid = make_grid((images + 1) / 2, nrow=self.per_class, padding=2, pad_value=1.0)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"step_{trainer.global_step:07d}.png"
@@ -85,14 +84,15 @@ class SampleGrid(Callback):
         save_image(grid, tmp)
         tmp.replace(path)
         self.last_path = path
+        caption = f"{'EMA' if self.use_ema else 'raw'} weights, one row per class"
         for logger in trainer.loggers:
-            _log_image(logger, grid, trainer.global_step)
+            _log_image(logger, grid, trainer.global_step, caption)
         return path
 
 
-def _log_image(logger, grid: torch.Tensor, step: int) -> None:
+def _log_image(logger, grid: torch.Tensor, step: int, caption: str) -> None:
     name = type(logger).__name__
     if name == "WandbLogger":
-        logger.log_image(key="samples/grid", images=[grid], step=step, caption=["EMA, one row per class"])
+        logger.log_image(key="samples/grid", images=[grid], step=step, caption=[caption])
     elif name == "TensorBoardLogger":
         logger.experiment.add_image("samples/grid", grid, step)

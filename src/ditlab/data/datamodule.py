@@ -2,7 +2,8 @@
 
 Workers only move raw float16 blocks; the per-sample randomness (image or its flip, a draw from
 the posterior) and the scale factor are applied per batch after it reaches the device, with a
-generator seeded from (seed, rank, step) so that a resumed run draws exactly what the original did.
+generator of the "data" stream (seed, rank, step, stage) so that a resumed run draws exactly what
+the original did, and never what the training step's own streams draw.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from lightning import LightningDataModule
 
 from ditlab.data.shards import read_meta
-from ditlab.runtime import step_seed
+from ditlab.seeding import stream_generator
 
 
 def latents_from_block(
@@ -173,11 +174,6 @@ class LatentDataModule(LightningDataModule):
         return self._loader(self.val_set) if self.val_set is not None else []
 
     # ------------------------------------------------------------ per-batch sampling, on the device
-    def step_generator(self, device: torch.device, rank: int, step: int, stage: int = 0) -> torch.Generator:
-        g = torch.Generator(device=device)
-        g.manual_seed(step_seed(self.seed, rank, step, stage))
-        return g
-
     def to_model_batch(
         self, batch: dict, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,11 +182,19 @@ class LatentDataModule(LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         trainer = self.trainer
-        training = trainer is not None and trainer.training
         if trainer is None:
-            generator = None
+            return self.to_model_batch(batch)
+        device = batch["latent"].device
+        if trainer.training:
+            # Lightning counts the batch as started right after this hook: `ready` is this batch's
+            # 0-based number in the run (restored on resume), so the stream is (rank, step, micro-batch).
+            number = trainer.fit_loop.epoch_loop.batch_progress.total.ready
+            micro = number % trainer.accumulate_grad_batches
+            generator = stream_generator(device, self.seed, "data", trainer.global_rank, trainer.global_step, micro)
         else:
-            generator = self.step_generator(
-                batch["latent"].device, trainer.global_rank, trainer.global_step, stage=0 if training else 1
+            loop = trainer.fit_loop.epoch_loop.val_loop if trainer.state.fn == "fit" else trainer.validate_loop
+            number = loop.batch_progress.total.ready
+            generator = stream_generator(
+                device, self.seed, "data_val", trainer.global_rank, trainer.global_step, number
             )
         return self.to_model_batch(batch, generator)

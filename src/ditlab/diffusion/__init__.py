@@ -1,18 +1,18 @@
-"""Training objectives and samplers. The model knows nothing of these; they call it."""
+"""Training objectives, samplers and guidance. The model knows nothing of these; they call it."""
 
 from ditlab.diffusion.flow import FlowMatching
 from ditlab.diffusion.gaussian import GaussianDiffusion, create_diffusion
-from ditlab.diffusion.guidance import CFGModel, mix_guidance
-from ditlab.diffusion.sampling import FLOW_SAMPLERS, GAUSSIAN_SAMPLERS, Sampler, respace
+from ditlab.diffusion.guidance import CFGModel, mix_guidance, official_forward_with_cfg
+from ditlab.diffusion.samplers import SAMPLERS, Sampler, samplers_for
 
 __all__ = [
     "CFGModel",
     "FlowMatching",
     "GaussianDiffusion",
-    "FLOW_SAMPLERS",
-    "GAUSSIAN_SAMPLERS",
+    "SAMPLERS",
     "Sampler",
     "create_diffusion",
     "mix_guidance",
-    "respace",
+    "official_forward_with_cfg",
+    "samplers_for",
 ]

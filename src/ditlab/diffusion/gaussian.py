@@ -15,7 +15,6 @@ import math
 from collections.abc import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from ditlab.diffusion.schedules import named_betas, respaced_betas, space_timesteps
 
@@ -55,7 +54,7 @@ def _extract(arr: torch.Tensor, t: torch.Tensor, shape: torch.Size) -> torch.Ten
 
 
 class GaussianDiffusion:
-    """DDPM forward process, hybrid training loss and the DDPM / DDIM samplers.
+    """DDPM forward process, posterior and hybrid training loss (the solvers are in ``samplers``).
 
     Args:
         betas: float64 noise schedule of this process.
@@ -204,87 +203,16 @@ class GaussianDiffusion:
             terms["loss"] = terms["mse"]
         return terms
 
-    # ---------------------------------------------------------------- samplers
-    def _noise(self, shape, device, generator):
-        return torch.randn(shape, device=device, generator=generator)
-
-    def p_sample(self, model, x, t, model_kwargs=None, clip_denoised=False, generator=None) -> dict:
-        out = self.p_mean_variance(model, x, t, model_kwargs, clip_denoised)
-        noise = self._noise(x.shape, x.device, generator)
-        nonzero = (t != 0).float().view(-1, *([1] * (x.dim() - 1)))  # no noise at the last step
-        return {
-            "sample": out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise,
-            "pred_xstart": out["pred_xstart"],
-        }
-
-    def ddim_sample(self, model, x, t, model_kwargs=None, clip_denoised=False, eta=0.0, generator=None) -> dict:
-        out = self.p_mean_variance(model, x, t, model_kwargs, clip_denoised)
-        eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar = _extract(self.alphas_cumprod, t, x.shape)
-        alpha_bar_prev = _extract(self.alphas_cumprod_prev, t, x.shape)
-        sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
-        mean = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
-        nonzero = (t != 0).float().view(-1, *([1] * (x.dim() - 1)))
-        sample = mean + nonzero * sigma * self._noise(x.shape, x.device, generator) if eta > 0 else mean
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
-
-    def _loop(self, step_fn, shape, noise, device, progress, callback):
-        device = device if device is not None else (noise.device if noise is not None else "cpu")
-        x = noise.to(device) if noise is not None else torch.randn(*shape, device=device)
-        steps = range(self.num_timesteps - 1, -1, -1)
-        for i in tqdm(steps, disable=not progress, desc="sampling"):
-            t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)
-            with torch.no_grad():
-                out = step_fn(x, t)
-            x = out["sample"]
-            if callback is not None:
-                callback({"x": x, "i": i, "pred_xstart": out["pred_xstart"]})
-        return x
-
-    def p_sample_loop(
-        self,
-        model,
-        shape,
-        noise=None,
-        model_kwargs=None,
-        device=None,
-        progress=False,
-        clip_denoised=False,
-        generator=None,
-        callback=None,
-    ):
-        """Ancestral DDPM sampling over every step of this process."""
-        return self._loop(
-            lambda x, t: self.p_sample(model, x, t, model_kwargs, clip_denoised, generator),
-            shape,
-            noise,
-            device,
-            progress,
-            callback,
-        )
-
-    def ddim_sample_loop(
-        self,
-        model,
-        shape,
-        noise=None,
-        model_kwargs=None,
-        device=None,
-        progress=False,
-        clip_denoised=False,
-        eta=0.0,
-        generator=None,
-        callback=None,
-    ):
-        """DDIM (eta = 0: deterministic) over every step of this process."""
-        return self._loop(
-            lambda x, t: self.ddim_sample(model, x, t, model_kwargs, clip_denoised, eta, generator),
-            shape,
-            noise,
-            device,
-            progress,
-            callback,
-        )
+    # ---------------------------------------------------------------- respacing
+    def respaced(self, spacing: str | int) -> GaussianDiffusion:
+        """The process that visits only ``space_timesteps(T, spacing)`` of this full T-step process
+        (``250``, ``"10,20"``, ``"ddim50"``); the model still receives the original timesteps."""
+        if len(self.timestep_map) != self.num_timesteps or int(self.timestep_map[-1]) != self.num_timesteps - 1:
+            raise ValueError("respacing needs the full (training) process, not an already respaced one")
+        keep = space_timesteps(self.num_timesteps, spacing)
+        if len(keep) == self.num_timesteps:
+            return self
+        return GaussianDiffusion(respaced_betas(self.alphas_cumprod, keep), self.variance_type, timestep_map=keep)
 
 
 def create_diffusion(
@@ -298,8 +226,5 @@ def create_diffusion(
     (``"250"``, ``"ddim50"``, ``""``/None for every step)."""
     betas = named_betas(noise_schedule, diffusion_steps)
     variance_type = "learned_range" if learn_sigma else ("fixed_small" if sigma_small else "fixed_large")
-    if timestep_respacing in (None, ""):
-        return GaussianDiffusion(betas, variance_type)
-    keep = space_timesteps(diffusion_steps, timestep_respacing)
-    base = GaussianDiffusion(betas, variance_type)
-    return GaussianDiffusion(respaced_betas(base.alphas_cumprod, keep), variance_type, timestep_map=keep)
+    process = GaussianDiffusion(betas, variance_type)
+    return process if timestep_respacing in (None, "") else process.respaced(timestep_respacing)

@@ -68,3 +68,26 @@ class CFGModel:
             inside = ((t >= lo) & (t <= hi)).view(-1, *([1] * (x.dim() - 1)))
             guided = torch.where(inside, guided, cond[:, :g])
         return torch.cat([guided, cond[:, g:]], dim=1)
+
+
+def official_forward_with_cfg(
+    net: Callable,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    y: torch.Tensor,
+    cfg_scale: float,
+    guided_channels: int | None = None,
+) -> torch.Tensor:
+    """The official ``DiT.forward_with_cfg``, kept as a reference for tests and the FID-2.27 protocol.
+
+    x, t, y hold the conditional half then the unconditional half (y = null label); only the first
+    half of x is used. The official code guides only the first 3 latent channels (a leftover from RGB
+    code): ``guided_channels=3`` is that behaviour, None guides every channel of ``net.in_channels``.
+    Unguided channels (and the variance channels) keep each half's own output, as officially.
+    """
+    half = x[: len(x) // 2]
+    out = net(torch.cat([half, half], dim=0), t, y)  # (2N, C_out, H, W)
+    g = net.in_channels if guided_channels is None else guided_channels
+    cond, uncond = out[:, :g].chunk(2, dim=0)  # each (N, g, H, W)
+    guided = mix_guidance(cond, uncond, cfg_scale)
+    return torch.cat([torch.cat([guided, guided], dim=0), out[:, g:]], dim=1)

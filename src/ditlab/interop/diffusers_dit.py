@@ -105,7 +105,7 @@ def from_diffusers(transformer) -> DiT:
 
 def export_checkpoint(ckpt: str | Path, out_dir: str | Path, ema: bool = True) -> Path:
     """A ditlab .ckpt or an official DiT .pt -> a diffusers transformer directory (save_pretrained)."""
-    from ditlab.generation import load_network
+    from ditlab.inference import load_network
 
     net, _, _ = load_network(ckpt, ema)
     to_diffusers(net).save_pretrained(str(out_dir), safe_serialization=True)

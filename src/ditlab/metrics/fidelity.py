@@ -3,14 +3,12 @@
 Images are uint8 (N, C, H, W). Features come from a torch-fidelity extractor:
 ``inception-v3-compat`` (the standard; weights downloaded by torch-fidelity, or read from
 ``weights_path`` offline) or ``ditlab-clf`` (the dataset's own classifier, see classifier.py).
-Reference statistics (mu, sigma and a feature subset for KID / PR) are stored in an .npz.
+Reference statistics (``ditlab.metrics.reference``) are the other side of every comparison.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,7 +18,8 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor
 
-import ditlab.metrics.classifier  # noqa: F401 - registers the ditlab-clf extractor
+import ditlab.metrics.classifier_features  # noqa: F401 - registers the ditlab-clf extractor
+from ditlab.metrics.reference import ReferenceStats
 
 EXTRACTORS = {"inception": "inception-v3-compat", "clf": "ditlab-clf"}
 METRICS = ("fid", "isc", "kid", "prc")
@@ -68,47 +67,6 @@ class Extractor:
             feats.append(f.double().cpu())
             logits.append(lg.double().cpu())
         return {"features": torch.cat(feats), "logits": torch.cat(logits)}
-
-
-@dataclass
-class ReferenceStats:
-    mu: np.ndarray
-    sigma: np.ndarray
-    features: np.ndarray | None  # a subset, for KID and precision/recall
-    extractor: str
-
-    @classmethod
-    def from_features(cls, features: torch.Tensor, extractor: str, keep: int = 10000, seed: int = 0):
-        f = features.double().numpy()
-        rng = np.random.default_rng(seed)
-        subset = f[rng.choice(len(f), size=min(keep, len(f)), replace=False)] if keep else None
-        return cls(f.mean(0), np.cov(f, rowvar=False), subset, extractor)
-
-    def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-        arrays = {"mu": self.mu, "sigma": self.sigma, "extractor": np.array(self.extractor)}
-        if self.features is not None:
-            arrays["features"] = self.features
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
-
-    @classmethod
-    def load(cls, path: str | Path, extractor: str | None = None) -> ReferenceStats:
-        """A ditlab stats file, or ADM's reference batch (``VIRTUAL_imagenet256_labeled.npz``: mu,
-        sigma of TF-Inception pool features, which inception-v3-compat reproduces)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"reference statistics {str(path)!r} do not exist")
-        with np.load(path) as data:
-            if "mu" not in data or "sigma" not in data:
-                raise ValueError(f"{str(path)!r} has no 'mu'/'sigma' arrays; expected ditlab or ADM reference stats")
-            kind = str(data["extractor"]) if "extractor" in data else "inception"  # ADM files are Inception
-            features = data["features"] if "features" in data else None
-            stats = cls(data["mu"].astype(np.float64), data["sigma"].astype(np.float64), features, kind)
-        if extractor is not None and extractor != stats.extractor:
-            raise ValueError(f"{str(path)!r} holds {stats.extractor} statistics, not {extractor}")
-        return stats
 
 
 def compute_metrics(

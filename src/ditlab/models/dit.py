@@ -22,8 +22,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ditlab.diffusion.guidance import mix_guidance
-
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     # x (N, T, D); shift, scale (N, D) broadcast over tokens
@@ -180,7 +178,7 @@ class FinalLayer(nn.Module):
 
 def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> torch.Tensor:
     """MAE-style 2-D sin-cos table (grid_size**2, embed_dim), computed in float64 as the official
-    numpy code does; the first half of the channels encodes the row, the second the column."""
+    numpy code does; the first half of the channels encodes the column (x), the second the row (y)."""
     if embed_dim % 4 != 0:
         raise ValueError(f"hidden_size={embed_dim} must be a multiple of 4 for the 2-D sin-cos embedding")
     coords = torch.arange(grid_size, dtype=torch.float64)
@@ -275,26 +273,6 @@ class DiT(nn.Module):
             x = block(x, c)  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, p * p * C_out)
         return self.unpatchify(x)  # (N, C_out, H, W)
-
-    def forward_with_cfg(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        y: torch.Tensor,
-        cfg_scale: float,
-        guided_channels: int | None = None,
-    ) -> torch.Tensor:
-        """Classifier-free guidance in one batched forward, with the official calling convention:
-        x, t, y hold the conditional half then the unconditional half (y = num_classes); only the
-        first half of x is used. ``guided_channels=None`` guides every latent channel;
-        ``guided_channels=3`` reproduces the official code, which guided only the first 3."""
-        half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half], dim=0), t, y)  # (2N, C_out, H, W)
-        g = self.in_channels if guided_channels is None else guided_channels
-        cond, uncond = out[:, :g].chunk(2, dim=0)  # each (N, g, H, W)
-        guided = mix_guidance(cond, uncond, cfg_scale)
-        # Unguided channels (and the variance channels) keep each half's own output, as officially.
-        return torch.cat([torch.cat([guided, guided], dim=0), out[:, g:]], dim=1)
 
 
 # --------------------------------------------------------------------------------------------

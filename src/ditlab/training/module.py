@@ -1,8 +1,9 @@
 """DiTModule: network + training objective + optimizer + EMA bookkeeping, nothing else.
 
 The diffusion math lives in ``ditlab.diffusion``; sampling, grids and metrics live in callbacks.
-Randomness (timesteps, noise, label dropout) is reseeded every step from (seed, rank, step), so
-that a resumed run continues the very same random stream (EDM2's practice).
+Every random draw of a step comes from its own named stream (``ditlab.seeding``): timesteps,
+diffusion noise and label dropout, each seeded from (seed, stream, rank, step, micro-batch), so a
+resumed run continues the very same random streams (EDM2's practice) and no two streams coincide.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from collections.abc import Callable
 import torch
 from lightning import LightningModule
 
-from ditlab.lit.ema import EMA
-from ditlab.runtime import at_optimizer_step, step_seed
+from ditlab.seeding import stream_generator, stream_seed
+from ditlab.training.ema import EMA
 
 
 class DiTModule(LightningModule):
@@ -65,9 +66,17 @@ class DiTModule(LightningModule):
     # ------------------------------------------------------------ training
     def training_step(self, batch, batch_idx: int):
         latents, labels = batch  # (N, C, H, W) model-space latents, (N,) labels
-        torch.manual_seed(step_seed(self.seed, self.global_rank, self.global_step, batch_idx))
-        t = self.objective.sample_t(latents.shape[0], device=latents.device)
-        terms = self.objective.training_losses(self._forward, latents, t, {"y": labels})
+        at = (self.global_rank, self.global_step, batch_idx % self.trainer.accumulate_grad_batches)
+        device = latents.device
+        t = self.objective.sample_t(
+            latents.shape[0], device=device, generator=stream_generator(device, self.seed, "timesteps", *at)
+        )
+        noise = torch.randn(
+            latents.shape, device=device, generator=stream_generator(device, self.seed, "diffusion_noise", *at)
+        )
+        # Label dropout draws inside the model (torch.rand): give it its own stream through the global RNG.
+        torch.manual_seed(stream_seed(self.seed, "label_dropout", *at))
+        terms = self.objective.training_losses(self._forward, latents, t, {"y": labels}, noise=noise)
         loss = terms["loss"].mean()
         # sync_dist: the logged value is the mean over ranks, not rank 0's (fast-DiT logged rank 0's).
         for name, value in terms.items():
@@ -83,16 +92,23 @@ class DiTModule(LightningModule):
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # Once per optimizer step (gradient accumulation: only on the step boundary).
-        if at_optimizer_step(self.trainer, every_n_steps=1):
-            self.ema.update(self.net)
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Here, not in on_train_batch_end: Lightning runs the checkpoint callback's batch-end hook
+        # before the module's, so a checkpoint at step N would hold the EMA after N - 1 updates.
+        self.ema.update(self.net)
 
     def validation_step(self, batch, batch_idx: int):
         latents, labels = batch
-        torch.manual_seed(step_seed(self.seed, self.global_rank, -1, batch_idx))  # -1: validation
-        t = self.objective.sample_t(latents.shape[0], device=latents.device)
-        terms = self.objective.training_losses(self.ema.net, latents, t, {"y": labels})
+        at = (self.global_rank, self.global_step, batch_idx)
+        device = latents.device
+        t = self.objective.sample_t(
+            latents.shape[0], device=device, generator=stream_generator(device, self.seed, "val_timesteps", *at)
+        )
+        noise = torch.randn(
+            latents.shape, device=device, generator=stream_generator(device, self.seed, "val_diffusion_noise", *at)
+        )
+        terms = self.objective.training_losses(self.ema.net, latents, t, {"y": labels}, noise=noise)
         self.log("val/loss_ema", terms["loss"].mean(), on_epoch=True, sync_dist=True)
 
     # ------------------------------------------------------------ checkpoint extras

@@ -1,0 +1,119 @@
+"""Training the small KL autoencoder on the dataset itself (``vae=small_kl``, run by ``prepare``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ditlab.metrics.reconstruction import reconstruction_psnr
+from ditlab.models.vae import PretrainedVAE, small_autoencoder
+
+
+class SmallVAERecipe:
+    """How ``prepare`` trains the small KL autoencoder on the dataset (L1 + kl_weight * KL, AdamW),
+    bounded by ``train_seconds`` and ``max_steps``; ``fit_or_load`` reuses an earlier result."""
+
+    kind = "small_kl"
+
+    def __init__(
+        self,
+        latent_channels: int = 4,
+        block_out_channels=(16, 32, 32),
+        norm_num_groups: int = 8,
+        train_seconds: float = 150.0,
+        max_steps: int = 100_000,
+        batch_size: int = 128,
+        lr: float = 2e-3,
+        kl_weight: float = 1e-4,
+        seed: int = 0,
+        scale_samples: int = 5000,
+    ):
+        self.latent_channels = latent_channels
+        self.block_out_channels = tuple(block_out_channels)
+        self.norm_num_groups = norm_num_groups
+        self.train_seconds = train_seconds
+        self.max_steps = max_steps
+        self.batch_size = batch_size
+        self.lr = lr
+        self.kl_weight = kl_weight
+        self.seed = seed
+        self.scale_samples = scale_samples
+
+    def fit_or_load(self, dataset, out_dir: str | Path, device: str | torch.device = "cpu", log=print) -> PretrainedVAE:
+        out_dir = Path(out_dir)
+        info_file = out_dir / "ditlab_vae.json"
+        if not info_file.exists():
+            self._fit(dataset, out_dir, torch.device(device), log)
+        info = json.loads(info_file.read_text())
+        vae = PretrainedVAE(str(out_dir), scale_factor=info["scale_factor"]).to(device)
+        vae.kind = self.kind
+        return vae
+
+    def _fit(self, dataset, out_dir: Path, device: torch.device, log) -> None:
+        first = dataset[0][0]
+        model = small_autoencoder(
+            first.shape[0], self.latent_channels, self.block_out_channels, self.norm_num_groups, first.shape[-1]
+        ).to(device)
+        generator = torch.Generator().manual_seed(self.seed)
+        # drop_last with a batch no larger than the data, so that every pass yields batches
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=min(self.batch_size, len(dataset)),
+            shuffle=True,
+            drop_last=True,
+            generator=generator,
+            num_workers=0,
+            collate_fn=_images_only,
+        )
+        opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
+        start, step, done = time.time(), 0, False
+        log(f"training the small VAE for up to {self.train_seconds:.0f} s / {self.max_steps} steps")
+        while not done:
+            for images in loader:
+                images = images.to(device)
+                posterior = model.encode(images).latent_dist
+                recon = model.decode(posterior.sample(generator=None)).sample
+                loss = F.l1_loss(recon, images) + self.kl_weight * posterior.kl().mean() / images[0].numel()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                if step % 200 == 0:
+                    log(f"  vae step {step}  l1+kl {loss.item():.4f}  {time.time() - start:.0f} s")
+                if step >= self.max_steps or time.time() - start >= self.train_seconds:
+                    done = True
+                    break
+        model.eval()
+        scale = self._scale_factor(model, dataset, device)
+        psnr = reconstruction_psnr(model, dataset, device)
+        # Written to a temp dir and renamed, so an interrupted run never leaves a half VAE behind.
+        tmp = out_dir.with_name(out_dir.name + f".tmp-{time.time_ns()}")
+        model.save_pretrained(tmp, safe_serialization=True)
+        info = {"scale_factor": scale, "steps": step, "seconds": round(time.time() - start, 1), "val_psnr_db": psnr}
+        (tmp / "ditlab_vae.json").write_text(json.dumps(info, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+        log(f"small VAE: {step} steps, scale factor {scale:.4f}, PSNR {psnr:.2f} dB (first 1000 images)")
+
+    @torch.no_grad()
+    def _scale_factor(self, model, dataset, device) -> float:
+        """1 / std of posterior samples over the first ``scale_samples`` images, as SD chose 0.18215."""
+        n = min(self.scale_samples, len(dataset))
+        images = torch.stack([dataset[i][0] for i in range(n)])
+        zs = []
+        generator = torch.Generator(device=device).manual_seed(self.seed)
+        for chunk in images.split(500):
+            zs.append(model.encode(chunk.to(device)).latent_dist.sample(generator=generator).cpu())
+        return float(1.0 / torch.cat(zs).std())
+
+
+def _images_only(batch):
+    return torch.stack([b[0] for b in batch if b[0] is not None])

@@ -1,0 +1,10 @@
+"""When a training-time action is due (the callbacks and the LightningModule ask the same question)."""
+
+from __future__ import annotations
+
+
+def at_optimizer_step(trainer, every_n_steps: int) -> bool:
+    """True once per optimizer step whose number is a positive multiple of ``every_n_steps``
+    (with gradient accumulation: only on the micro-batch that completes the step)."""
+    step = trainer.global_step
+    return every_n_steps > 0 and step > 0 and step % every_n_steps == 0 and not trainer.fit_loop._should_accumulate()

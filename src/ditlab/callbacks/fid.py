@@ -11,47 +11,41 @@ import time
 from pathlib import Path
 
 import torch
-from lightning import Callback
 
+from ditlab.callbacks.sampling import SamplingCallback
 from ditlab.diffusion import Sampler
-from ditlab.inference import Guidance, generate, sample_labels
-from ditlab.training.steps import at_optimizer_step
+from ditlab.inference import generate, sample_labels
 
 log = logging.getLogger("ditlab.fid")
 
 
-class FIDCallback(Callback):
+class FIDCallback(SamplingCallback):
+    """FID of ``num_samples`` samples (uniform random classes) against the reference statistics;
+    ``extractor`` clf / inception (null: off), ``metrics`` a subset of (fid, isc, kid, prc); the other
+    arguments are ``SamplingCallback``'s."""
+
     def __init__(
         self,
         sampler: Sampler,
         every_n_steps: int = 10000,
         num_samples: int = 1000,
         batch_size: int = 250,
-        cfg_scale: float = 1.0,
-        guided_channels: int | None = None,
-        extractor: str = "clf",
+        extractor: str | None = "clf",
         reference: str | None = None,
         weights_path: str | None = None,
         metrics=("fid",),
-        seed: int = 0,
-        at_end: bool = True,
-        use_ema: bool = True,
+        **sampling,
     ):
         if num_samples < 2:  # a covariance needs two samples
             raise ValueError(f"fid num_samples={num_samples} must be >= 2")
-        self.sampler = sampler
-        self.every_n_steps = every_n_steps
+        super().__init__(sampler, every_n_steps, **sampling)
         self.num_samples = num_samples
         self.batch_size = batch_size
-        self.guidance = Guidance(cfg_scale, guided_channels)
         self.extractor_kind = extractor
         self.reference_path = reference
         self.weights_path = weights_path
         self.metrics = tuple(metrics)
-        self.seed = seed
-        self.at_end = at_end
-        self.use_ema = use_ema  # sample with the EMA weights (default) or the raw ones
-        self._reference = self._extractor = self._codec = None
+        self._reference = self._extractor = None
         self.enabled = True
         self.last: dict[str, float] = {}
 
@@ -59,7 +53,6 @@ class FIDCallback(Callback):
         from ditlab.metrics.reference import ReferenceStats
 
         dm = trainer.datamodule
-        self.sampler.check(pl_module.objective)
         if not self.extractor_kind:
             self.enabled = False
             return
@@ -77,44 +70,26 @@ class FIDCallback(Callback):
         if self.extractor_kind == "clf" and self.weights_path is None:
             self.weights_path = str(Path(dm.path) / "classifier")
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.enabled and at_optimizer_step(trainer, self.every_n_steps):
-            self.evaluate(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module):
-        if self.enabled and self.at_end and (self.every_n_steps <= 0 or trainer.global_step % self.every_n_steps != 0):
+    def run(self, trainer, pl_module):
+        if self.enabled:
             self.evaluate(trainer, pl_module)
 
     @torch.no_grad()
     def evaluate(self, trainer, pl_module) -> dict[str, float]:
         from ditlab.data.transforms import model_range_to_uint8
         from ditlab.metrics.fidelity import Extractor, compute_metrics
-        from ditlab.models.vae import codec_from_meta
 
         start = time.time()
         dm, device = trainer.datamodule, pl_module.device
-        if self._codec is None:
-            self._codec = codec_from_meta(dm.meta, dm.path).to(device)
+        if self._extractor is None:
             self._extractor = Extractor(self.extractor_kind, self.weights_path, device=str(device))
         rank, world = trainer.global_rank, trainer.world_size
         padded = -(-self.num_samples // world) * world  # equal shares, so that all_gather lines up
         mine = torch.arange(rank, padded, world)  # this rank's sample indices
         labels = sample_labels(dm.num_classes, self.num_samples, self.seed)
         labels = torch.cat([labels, labels.new_zeros(padded - self.num_samples)])[mine]  # padding: dropped below
-        images = generate(
-            pl_module.ema.net if self.use_ema else pl_module.net,
-            pl_module.objective,
-            self.sampler,
-            labels,
-            mine,
-            latent_shape=dm.latent_shape,
-            null_label=dm.num_classes,
-            codec=self._codec,
-            guidance=self.guidance,
-            seed=self.seed,
-            batch_size=self.batch_size,
-            device=device,
-        )
+        kwargs = self.sample_kwargs(trainer, pl_module)
+        images = generate(labels=labels, indices=mine, batch_size=self.batch_size, **kwargs)  # (n, C, H, W)
         out = self._extractor(model_range_to_uint8(images).permute(0, 3, 1, 2))  # uint8 (n, C, H, W) in
         local = {"features": out["features"], "logits": out["logits"], "labels": labels}
         if world > 1:

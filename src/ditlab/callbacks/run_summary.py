@@ -10,6 +10,8 @@ from pathlib import Path
 from lightning import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
+from ditlab.callbacks.sampling import SamplingCallback
+
 
 class RunSummary(Callback):
     def __init__(self, path: str):
@@ -28,7 +30,7 @@ class RunSummary(Callback):
             "metrics": metrics,
             # which weights each sampling callback used (grids, FID): "ema" or "raw"
             "weights_used": {
-                type(cb).__name__: "ema" if cb.use_ema else "raw" for cb in trainer.callbacks if hasattr(cb, "use_ema")
+                type(cb).__name__: cb.weights for cb in trainer.callbacks if isinstance(cb, SamplingCallback)
             },
         }
         for cb in trainer.callbacks:

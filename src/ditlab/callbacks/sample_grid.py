@@ -8,16 +8,18 @@ import os
 from pathlib import Path
 
 import torch
-from lightning import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
+from ditlab.callbacks.sampling import SamplingCallback
 from ditlab.diffusion import Sampler
-from ditlab.inference import Guidance, generate
-from ditlab.training.steps import at_optimizer_step
+from ditlab.inference import generate
 
 
-class SampleGrid(Callback):
+class SampleGrid(SamplingCallback):
+    """``per_class`` samples of each of the first ``max_classes`` classes, one row per class, written
+    to ``out_dir/step_<N>.png``; the other arguments are ``SamplingCallback``'s."""
+
     def __init__(
         self,
         out_dir: str,
@@ -25,58 +27,21 @@ class SampleGrid(Callback):
         every_n_steps: int = 1000,
         per_class: int = 8,
         max_classes: int = 10,
-        cfg_scale: float = 1.0,
-        guided_channels: int | None = None,
-        seed: int = 0,
-        at_end: bool = True,
-        use_ema: bool = True,
+        **sampling,
     ):
+        super().__init__(sampler, every_n_steps, **sampling)
         self.out_dir = Path(out_dir)
-        self.sampler = sampler
-        self.every_n_steps = every_n_steps
         self.per_class = per_class
         self.max_classes = max_classes
-        self.guidance = Guidance(cfg_scale, guided_channels)
-        self.seed = seed
-        self.at_end = at_end
-        self.use_ema = use_ema  # sample with the EMA weights (default) or the raw ones
-        self._codec = None
         self.last_path: Path | None = None
-
-    def on_fit_start(self, trainer, pl_module):
-        self.sampler.check(pl_module.objective)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if at_optimizer_step(trainer, self.every_n_steps):
-            self.make_grid(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module):
-        if self.at_end:
-            self.make_grid(trainer, pl_module)
 
     @rank_zero_only
     @torch.no_grad()
-    def make_grid(self, trainer, pl_module) -> Path:
-        from ditlab.models.vae import codec_from_meta
-
+    def run(self, trainer, pl_module) -> Path:
         dm = trainer.datamodule
-        if self._codec is None:
-            self._codec = codec_from_meta(dm.meta, dm.path).to(pl_module.device)
         labels = torch.arange(min(dm.num_classes, self.max_classes)).repeat_interleave(self.per_class)  # row per class
-        images = generate(
-            pl_module.ema.net if self.use_ema else pl_module.net,
-            pl_module.objective,
-            self.sampler,
-            labels,
-            torch.arange(len(labels)),
-            latent_shape=dm.latent_shape,
-            null_label=dm.num_classes,
-            codec=self._codec,
-            guidance=self.guidance,
-            seed=self.seed,
-            batch_size=len(labels),
-            device=pl_module.device,
-        )
+        kwargs = self.sample_kwargs(trainer, pl_module)
+        images = generate(labels=labels, indices=torch.arange(len(labels)), batch_size=len(labels), **kwargs)
         grid = make_grid((images + 1) / 2, nrow=self.per_class, padding=2, pad_value=1.0)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"step_{trainer.global_step:07d}.png"
@@ -84,7 +49,7 @@ class SampleGrid(Callback):
         save_image(grid, tmp)
         tmp.replace(path)
         self.last_path = path
-        caption = f"{'EMA' if self.use_ema else 'raw'} weights, one row per class"
+        caption = f"{self.weights} weights, one row per class"
         for logger in trainer.loggers:
             _log_image(logger, grid, trainer.global_step, caption)
         return path

@@ -25,10 +25,12 @@ class ConfigError(ValueError):
     """A problem with the configuration, reported as one line."""
 
 
-def build(cfg: DictConfig):
-    """Instantiate and cross-check everything a run needs. Raises ConfigError on a bad config."""
+def build(cfg: DictConfig, init_weights: bool = True):
+    """Instantiate and cross-check everything a run needs. Raises ConfigError on a bad config.
+    ``init_weights``: apply ``init_from`` (off when the run resumes from a checkpoint anyway)."""
     from ditlab.data.preparation import prepare_dataset
     from ditlab.data.shards import META_FILE
+    from ditlab.training.finetune import apply_finetune
 
     prepared = Path(cfg.data.prepared_dir)
     if not (prepared / META_FILE).is_file():
@@ -44,6 +46,7 @@ def build(cfg: DictConfig):
         m = cfg.model
         datamodule.check_model(m.input_size, m.in_channels, m.patch_size, m.num_classes)
         net = instantiate(cfg.model)
+        apply_finetune(net, cfg.get("init_from") if init_weights else None, cfg.get("finetune"))
         objective = instantiate(cfg.diffusion.objective)
         sampler = instantiate(cfg.sampler)
         sampler.check(objective)
@@ -90,7 +93,9 @@ def train(cfg: DictConfig) -> dict:
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
-    datamodule, module = build(cfg)
+    if ckpt_path and cfg.get("init_from"):
+        log.info(f"resuming from {ckpt_path}: init_from is not applied again")
+    datamodule, module = build(cfg, init_weights=ckpt_path is None)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None] if cfg.get("logger") else False
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)

@@ -103,6 +103,21 @@ def from_diffusers(transformer) -> DiT:
     return model.eval()
 
 
+def load_diffusers_dit(path: str | Path) -> DiT:
+    """A diffusers ``DiTTransformer2DModel`` folder, or a DiTPipeline folder (its ``transformer/``),
+    as a ditlab ``DiT`` on the CPU, read offline."""
+    from diffusers import DiTTransformer2DModel
+
+    path = Path(path)
+    sub = "transformer" if (path / "transformer" / "config.json").is_file() else None
+    if sub is None and not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} is not a diffusers DiT folder; expected config.json (or transformer/config.json) in it"
+        )
+    transformer = DiTTransformer2DModel.from_pretrained(str(path), subfolder=sub, local_files_only=True)
+    return from_diffusers(transformer)
+
+
 def export_checkpoint(ckpt: str | Path, out_dir: str | Path, ema: bool = True) -> Path:
     """A ditlab .ckpt or an official DiT .pt -> a diffusers transformer directory (save_pretrained)."""
     from ditlab.inference import load_network

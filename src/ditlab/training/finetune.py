@@ -1,0 +1,156 @@
+"""Start a new run from existing weights (``init_from=<path>``): fine-tuning, not resuming.
+
+The source may be an official DiT ``.pt``/``.safetensors``, a ditlab ``.ckpt`` (EMA or raw weights)
+or a diffusers ``DiTTransformer2DModel`` folder (or a whole DiTPipeline folder). The run's own model
+config decides the architecture; the source's weights are copied into it, adapted where that has a
+well-defined meaning:
+
+- a different ``num_classes``: the label table is rebuilt; the null row (classifier-free guidance's
+  unconditional embedding) is kept, the class rows start as a fresh model's do (new classes);
+- a different ``input_size``: the fixed sin-cos position table is the one computed for the new grid.
+
+Anything else that differs (depth, hidden size, heads' MLP width, patch size, channels, learn_sigma)
+cannot be adapted and is one clear error before training. Optionally some parameters are frozen by
+name pattern (``finetune.freeze`` / ``finetune.train_only``). ``ckpt_path`` stays the exact resume.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("ditlab.finetune")
+
+LABEL_TABLE = "y_embedder.embedding_table.weight"
+POS_EMBED = "pos_embed"
+
+
+def read_source_weights(path: str | Path, ema: bool = True) -> dict[str, torch.Tensor]:
+    """The official-layout state_dict of a DiT in any of the supported formats, on the CPU."""
+    path = Path(path)
+    if path.is_dir():
+        from ditlab.interop.diffusers_dit import load_diffusers_dit
+
+        return load_diffusers_dit(path).state_dict()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"init_from={str(path)!r} does not exist; expected an official DiT .pt/.safetensors, "
+            "a ditlab .ckpt or a diffusers DiT folder"
+        )
+    if path.suffix == ".ckpt":
+        from ditlab.inference import load_network
+
+        net, _, _ = load_network(path, ema)
+        return net.state_dict()
+    from ditlab.models.official import read_state_dict
+
+    return read_state_dict(path)
+
+
+def _describe(sd: dict[str, torch.Tensor]) -> dict:
+    """The architecture facts a state_dict fixes (everything but classes and grid size)."""
+    hidden, in_channels, patch, _ = sd["x_embedder.proj.weight"].shape
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    return {
+        "hidden size": hidden,
+        "in_channels": in_channels,
+        "patch size": patch,
+        "depth": depth,
+        "MLP width": sd["blocks.0.mlp.fc1.weight"].shape[0] if depth else 0,
+        "output channels": sd["final_layer.linear.weight"].shape[0] // (patch * patch),
+    }
+
+
+def adapt_state_dict(source: dict[str, torch.Tensor], net: torch.nn.Module, origin: str = "init_from"):
+    """``source`` reshaped to ``net``'s classes and grid; raises ValueError (one line) on a misfit.
+
+    Returns (state_dict for ``net``, list of human-readable notes on what was adapted)."""
+    target = net.state_dict()
+    missing = [
+        k for k in ("x_embedder.proj.weight", POS_EMBED, LABEL_TABLE, "final_layer.linear.weight") if k not in source
+    ]
+    if missing:
+        raise ValueError(f"{origin} is not a DiT state_dict (missing {missing[0]}); expected official DiT key names")
+    have, want = _describe(source), _describe(target)
+    for what in want:
+        if have[what] != want[what]:
+            hint = " (learn_sigma differs)" if what == "output channels" else ""
+            raise ValueError(
+                f"{origin} has {what} {have[what]}, the model config {want[what]}{hint}; expected the same "
+                "depth, hidden size, MLP width, patch size, channels and learn_sigma (only num_classes and "
+                "input_size may differ)"
+            )
+    state, notes = dict(source), []
+    src_table, new_table = source[LABEL_TABLE], target[LABEL_TABLE]  # (K + 1, D): row K is the null class
+    if src_table.shape != new_table.shape:
+        table = new_table.clone()  # the rows a fresh model starts with (normal, std 0.02)
+        table[-1] = src_table[-1]  # the null (unconditional) embedding carries over
+        state[LABEL_TABLE] = table
+        notes.append(
+            f"label table rebuilt for {new_table.shape[0] - 1} classes (source has {src_table.shape[0] - 1}): "
+            f"null row kept, {new_table.shape[0] - 1} class rows initialised as at start"
+        )
+    if source[POS_EMBED].shape != target[POS_EMBED].shape:
+        state[POS_EMBED] = target[POS_EMBED].clone()  # the model computed the sin-cos table for its grid
+        notes.append(
+            f"position table recomputed for {target[POS_EMBED].shape[1]} tokens "
+            f"(source has {source[POS_EMBED].shape[1]})"
+        )
+    unexpected = sorted(set(state) - set(target))
+    if unexpected:
+        raise ValueError(f"{origin} has parameters this model does not ({unexpected[0]}); expected a DiT state_dict")
+    return state, notes
+
+
+def freeze_by_name(net: torch.nn.Module, freeze=(), train_only=None) -> int:
+    """Freeze parameters whose names match a glob in ``freeze``, or all but those matching
+    ``train_only``; returns how many tensors were frozen. A pattern matching nothing is an error
+    (a typo would otherwise silently train everything)."""
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    for key, patterns in (("freeze", freeze or ()), ("train_only", train_only or ())):
+        for pattern in patterns:
+            if not fnmatch.filter(names, pattern):
+                raise ValueError(
+                    f"finetune.{key} pattern {pattern!r} matches no trainable parameter; expected a glob over "
+                    "names such as 'blocks.*.adaLN_modulation.*' or 'y_embedder.*'"
+                )
+    frozen = 0
+    for name, p in net.named_parameters():
+        if not p.requires_grad:
+            continue
+        hit = any(fnmatch.fnmatchcase(name, pat) for pat in freeze or ())
+        if train_only is not None:
+            hit = hit or not any(fnmatch.fnmatchcase(name, pat) for pat in train_only)
+        if hit:
+            p.requires_grad_(False)
+            frozen += 1
+    return frozen
+
+
+def init_from_weights(net: torch.nn.Module, path: str | Path, ema: bool = True) -> list[str]:
+    """Copy the weights at ``path`` into ``net`` (a freshly built DiT), adapted as described above."""
+    source = read_source_weights(path, ema)
+    state, notes = adapt_state_dict(source, net, origin=f"init_from={str(path)!r}")
+    net.load_state_dict(state, strict=True)
+    return notes
+
+
+def apply_finetune(net: torch.nn.Module, init_from: str | None, finetune_cfg) -> None:
+    """The ``train.py`` hook: weights from ``init_from`` (if set), then the configured freezing."""
+    if init_from:
+        ema = bool(finetune_cfg.get("ema", True)) if finetune_cfg is not None else True
+        notes = init_from_weights(net, init_from, ema)
+        log.info(f"init_from {init_from}: weights loaded (fresh run: step 0, new optimizer)")
+        for note in notes:
+            log.info(f"init_from: {note}")
+    if finetune_cfg is None:
+        return
+    freeze, train_only = finetune_cfg.get("freeze") or (), finetune_cfg.get("train_only")
+    if freeze or train_only is not None:
+        frozen = freeze_by_name(net, list(freeze), None if train_only is None else list(train_only))
+        trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in net.parameters())
+        log.info(f"finetune: froze {frozen} parameter tensors; training {trainable / 1e6:.3f}M of {total / 1e6:.3f}M")

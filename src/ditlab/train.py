@@ -89,6 +89,8 @@ def train(cfg: DictConfig) -> dict:
     """Fit a run from a composed config; returns the final callback metrics."""
     import lightning as L
 
+    from ditlab.training.sweeps import ddp_children_run_this_job, log_config
+
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     output_dir = Path(cfg.paths.output_dir)
@@ -99,17 +101,22 @@ def train(cfg: DictConfig) -> dict:
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None] if cfg.get("logger") else False
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    log_config(loggers, cfg)
     n_params = sum(p.numel() for p in module.net.parameters())
     log.info(f"DiT with {n_params / 1e6:.2f}M parameters; output in {output_dir}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    with ddp_children_run_this_job():
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 
 @hydra.main(version_base="1.3", config_path=str(Path(__file__).parent / "conf"), config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """Returns the configured ``objective`` (e.g. the last ``val/fid_clf``) for Hydra sweepers."""
+    from ditlab.training.sweeps import ObjectiveError, objective_value
+
     try:
-        train(cfg)
-    except ConfigError as err:
+        return objective_value(train(cfg), cfg.get("objective"))
+    except (ConfigError, ObjectiveError) as err:
         # Nothing was trained: remove what Hydra created for this run, then one line and a non-zero exit.
         output_dir = Path(HydraConfig.get().runtime.output_dir)
         if output_dir.is_dir() and not (output_dir / "checkpoints").exists():

@@ -11,11 +11,13 @@ from lightning import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
 from ditlab.callbacks.sampling import SamplingCallback
+from ditlab.training.sweeps import job_overrides
 
 
 class RunSummary(Callback):
-    def __init__(self, path: str):
+    def __init__(self, path: str, objective: str | None = None):
         self.path = Path(path)
+        self.objective = objective
         self._start = time.time()
 
     def on_fit_start(self, trainer, pl_module):
@@ -33,6 +35,10 @@ class RunSummary(Callback):
                 type(cb).__name__: cb.weights for cb in trainer.callbacks if isinstance(cb, SamplingCallback)
             },
         }
+        # the job's overrides (a sweep's values among them): what distinguishes this run from its siblings
+        summary["overrides"] = job_overrides()
+        if self.objective:
+            summary["objective"] = {"name": self.objective, "value": metrics.get(self.objective)}
         for cb in trainer.callbacks:
             if type(cb).__name__ == "Throughput":
                 summary["images_seen"] = cb.images_seen

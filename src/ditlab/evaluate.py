@@ -1,4 +1,7 @@
-"""``python -m ditlab.evaluate samples=... reference=...``: FID / IS / KID / precision-recall table + JSON."""
+"""``python -m ditlab.evaluate samples=... reference=...``: FID / IS / KID / precision-recall table + JSON.
+
+``python -m ditlab.evaluate run=<run dir>``: the run's FID curve, every checkpoint scored with the
+run's own FID protocol (``ditlab.metrics.curve``) into ``fid_curve.csv`` and ``fid_curve.png``."""
 
 from __future__ import annotations
 
@@ -54,18 +57,23 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     from ditlab.metrics.reference import ReferenceStats
 
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.get("run"):
+        return evaluate_run(cfg, device)
+    if cfg.samples is None or cfg.reference is None:
+        raise ValueError("nothing to evaluate; expected samples=<.npz or folder> reference=<stats>, or run=<run dir>")
+    extractor = cfg.extractor or "inception"
     images, labels = load_samples(cfg.samples)
-    ref_path, weights = resolve_reference(cfg.reference, cfg.extractor, cfg.weights_path)
-    reference = ReferenceStats.load(ref_path, cfg.extractor)
-    features = Extractor(cfg.extractor, weights, device=device)(images)
+    ref_path, weights = resolve_reference(cfg.reference, extractor, cfg.weights_path)
+    reference = ReferenceStats.load(ref_path, extractor)
+    features = Extractor(extractor, weights, device=device)(images)
     results = compute_metrics(
-        features, reference, tuple(cfg.metrics), cfg.kid_subset_size, labels=labels if cfg.extractor == "clf" else None
+        features, reference, tuple(cfg.metrics), cfg.kid_subset_size, labels=labels if extractor == "clf" else None
     )
     results["num_samples"] = len(images)
     out = Path(cfg.out) if cfg.out else Path(str(cfg.samples).rstrip("/") + ".metrics.json")
     out.write_text(
         json.dumps(
-            {"samples": str(cfg.samples), "reference": str(ref_path), "extractor": cfg.extractor, "metrics": results},
+            {"samples": str(cfg.samples), "reference": str(ref_path), "extractor": extractor, "metrics": results},
             indent=2,
         )
     )
@@ -75,6 +83,15 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         print(f"{k:<{width}}  {v:.6g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
     print(f"(written to {out})")
     return results
+
+
+def evaluate_run(cfg: DictConfig, device: str) -> dict:
+    from ditlab.metrics.curve import read_curve, score_run
+
+    csv_path, scored = score_run(cfg.run, cfg.ema, cfg.num_samples, cfg.extractor, device, cfg.progress)
+    rows = read_curve(csv_path)
+    print(f"{scored} checkpoint(s) scored now, {len(rows) - scored} reused; curve in {csv_path} and .png")
+    return {"scored": scored, "rows": rows}
 
 
 @hydra.main(version_base="1.3", config_path=str(Path(__file__).parent / "conf"), config_name="evaluate")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 log = logging.getLogger("ditlab.metrics")
 
@@ -88,7 +89,7 @@ def compute_reference(ref_cfg, sources: dict, out_dir: Path, device) -> Path:
         torch.utils.data.Subset(source, range(count)), batch_size=500, collate_fn=collate_skipping_failures
     )
     features = []
-    for images, _labels, _keys, _failed in loader:
+    for images, _labels, _keys, _failed in tqdm(loader, desc=f"reference_{kind} ({ref_cfg.split})", unit="batch"):
         if images is not None:
             features.append(extractor(model_range_to_uint8(images).permute(0, 3, 1, 2))["features"])
     ReferenceStats.from_features(torch.cat(features), kind).save(path)

@@ -1,13 +1,19 @@
 """A run's FID curve (evaluate run=), the diffusers export and the `ditlab` command."""
 
 import csv
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from ditlab.evaluate import evaluate
 from ditlab.train import train
-from helpers import compose_cfg, prepare_tiny_folder
+from helpers import compose_cfg, prepare_tiny_folder, randomised
 from test_train import compose_run
 
 FID = [
@@ -49,3 +55,80 @@ def test_evaluate_run_writes_the_curve_and_reuses_it(run3):
     again = evaluate(cfg)
     assert again["scored"] == 0 and again["rows"] == rows
     assert ((out / "fid_curve.csv").stat().st_mtime_ns, png.stat().st_mtime_ns) == stamp  # nothing rewritten
+
+
+def run_ditlab(args, cwd, timeout=300):
+    """The `ditlab` console script's entry point (pyproject [project.scripts]) in a fresh process."""
+    code = "import sys; from ditlab.command import main; sys.argv[0] = 'ditlab'; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_export_of_a_run_loads_back_exactly(run3, tmp_path):
+    from ditlab.diffusion import Sampler
+    from ditlab.inference import Guidance, load_model
+
+    out, metrics = run3
+    ckpt = out / "checkpoints" / "last.ckpt"
+    result = run_ditlab(["export", f"ckpt={ckpt}", f"out={tmp_path / 'export'}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # pixel space (no VAE) and 3 classes: each limitation said in one line
+    said = result.stdout + result.stderr
+    assert "uses class 1000 as the null label, this model's is 3" in said
+    assert "the folder has no vae/, so DiTPipeline cannot load it" in said
+    folder = tmp_path / "export"
+    for name in ("model_index.json", "transformer/config.json", "scheduler/scheduler_config.json", "ditlab.json"):
+        assert (folder / name).is_file(), name
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["id2label"] == {"0": "cat", "1": "dog", "2": "fox"}
+    card = (folder / "README.md").read_text()
+    assert f"`val/fid_clf`: {metrics['val/fid_clf']:.6g}" in card and "hidden_size: 64" in card
+
+    source, exported = load_model(ckpt), load_model(folder)
+    for key, value in source.net.state_dict().items():
+        assert torch.equal(exported.net.state_dict()[key], value), key  # the EMA weights, bit for bit
+    assert torch.equal(exported.objective.betas, source.objective.betas)
+    sampler, guidance = Sampler("ddim", 3), Guidance(scale=2.0)
+    assert torch.equal(
+        exported.generate([0, 2], sampler, guidance, seed=1), source.generate([0, 2], sampler, guidance, seed=1)
+    )
+    again = run_ditlab(["export", f"ckpt={ckpt}", f"out={folder}"], cwd=tmp_path)
+    assert again.returncode == 2 and again.stderr.strip().splitlines()[-1].startswith("ditlab.export: error: out=")
+
+
+def test_export_of_an_official_checkpoint_loads_in_dit_pipeline_offline(tmp_path):
+    from diffusers import DiTPipeline
+
+    from ditlab.interop.diffusers_dit import from_diffusers
+    from ditlab.interop.pipeline_export import export_pipeline
+    from ditlab.models.dit import build_dit
+    from ditlab.models.vae import small_autoencoder
+
+    torch.manual_seed(0)
+    net = randomised(build_dit("DiT-S/2", input_size=4, depth=2))  # 1000 classes, learn_sigma, 4 latent channels
+    torch.save(net.state_dict(), tmp_path / "dit.pt")
+    small_autoencoder(image_channels=3, latent_channels=4, block_out_channels=(8, 8)).save_pretrained(tmp_path / "vae")
+    folder = export_pipeline(tmp_path / "dit.pt", tmp_path / "export", vae=str(tmp_path / "vae"))
+    pipe = DiTPipeline.from_pretrained(str(folder), local_files_only=True)
+    assert from_diffusers(pipe.transformer).state_dict().keys() == net.state_dict().keys()
+    for key, value in from_diffusers(pipe.transformer).state_dict().items():
+        assert torch.equal(value, net.state_dict()[key]), key
+    assert pipe.vae.config.scaling_factor == 0.18215
+    images = pipe(class_labels=[1, 7], num_inference_steps=2, guidance_scale=1.5, output_type="np").images
+    assert images.shape == (2, 8, 8, 3) and np.isfinite(images).all()
+
+
+def test_ditlab_command_runs_help_for_every_subcommand(tmp_path):
+    from ditlab.command import COMMANDS
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert 'ditlab = "ditlab.command:main"' in pyproject
+    top = run_ditlab(["--help"], cwd=tmp_path)
+    assert top.returncode == 0 and all(name in top.stdout for name in COMMANDS)
+    for name in COMMANDS:
+        result = run_ditlab([name, "--help"], cwd=tmp_path)
+        assert result.returncode == 0, (name, result.stderr[-2000:])
+        assert ("Powered by Hydra" in result.stdout) or ("usage:" in result.stdout), name
+    bad = run_ditlab(["trian"], cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "ditlab: error: unknown command 'trian'; expected one of prepare, train, sample, evaluate, bench, export"
+    )

@@ -154,12 +154,24 @@ class ModelBundle:
 
 
 def load_network(ckpt: str | Path, ema: bool = True):
-    """(net, objective, run config or None) from a ditlab ``.ckpt`` or an official DiT file."""
+    """(net, objective, run config or None) from a ditlab ``.ckpt``, an official DiT file or a
+    diffusers DiT folder (``ditlab export``'s, or any DiTTransformer2DModel / DiTPipeline folder)."""
     from hydra.utils import instantiate
 
     path = Path(ckpt)
+    if path.is_dir():
+        from ditlab.interop.diffusers_dit import load_diffusers_dit
+
+        net = load_diffusers_dit(path)
+        run_config = path / "ditlab_config.yaml"  # written by ditlab export
+        if run_config.is_file():
+            cfg = OmegaConf.create(run_config.read_text())
+            return net, instantiate(cfg.diffusion.objective), cfg
+        return net, create_diffusion(learn_sigma=net.learn_sigma), None
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt={str(ckpt)!r} does not exist; expected a ditlab .ckpt or an official DiT .pt")
+        raise FileNotFoundError(
+            f"ckpt={str(ckpt)!r} does not exist; expected a ditlab .ckpt, an official DiT .pt or a diffusers folder"
+        )
     if path.suffix != ".ckpt":
         net = load_official_checkpoint(path)
         return net, create_diffusion(learn_sigma=net.learn_sigma), None
@@ -175,14 +187,38 @@ def load_network(ckpt: str | Path, ema: bool = True):
     return net.eval(), instantiate(cfg.diffusion.objective), cfg
 
 
+def _folder_codec(path: Path):
+    """The codec of a diffusers folder: its vae/ (scaling_factor from its config), or what ditlab.json says."""
+    import json
+
+    from ditlab.models.vae import IdentityVAE, PretrainedVAE
+
+    if (path / "vae" / "config.json").is_file():
+        scale = json.loads((path / "vae" / "config.json").read_text()).get("scaling_factor", 0.18215)
+        return PretrainedVAE(str(path), scale, subfolder="vae")
+    meta = json.loads((path / "ditlab.json").read_text()) if (path / "ditlab.json").is_file() else {}
+    codec = meta.get("codec", {})
+    if codec.get("kind") == "identity":
+        return IdentityVAE(codec.get("scale_factor", 1.0))
+    raise ValueError(f"{str(path)!r} has no vae/ folder; expected one, or vae=<hub id or local VAE dir>")
+
+
 def load_model(ckpt: str | Path, ema: bool = True, vae: str | None = None) -> ModelBundle:
-    """A ditlab ``.ckpt`` (EMA weights unless ``ema=False``) or an official DiT ``.pt``/``.safetensors``,
-    with the codec that decodes its latents (the run's own, or ``vae``: a hub id or local dir)."""
+    """A ditlab ``.ckpt`` (EMA weights unless ``ema=False``), an official DiT ``.pt``/``.safetensors`` or
+    a diffusers folder (``ditlab export``'s), with the codec that decodes its latents (the run's or the
+    folder's own, or ``vae``: a hub id or local dir).
+
+        model = load_model("outputs/train/run/checkpoints/last.ckpt")
+        images = model.generate([0, 1, 2], Sampler("ddim", 50), Guidance(scale=2.0), seed=0)
+    """
     from ditlab.data.shards import read_meta
     from ditlab.models.vae import SD_SCALE_FACTOR, PretrainedVAE, codec_from_meta
 
     net, objective, cfg = load_network(ckpt, ema)
-    if cfg is None:
+    if Path(ckpt).is_dir():
+        codec = PretrainedVAE(vae, SD_SCALE_FACTOR) if vae else _folder_codec(Path(ckpt))
+        source = "diffusers folder"
+    elif cfg is None:
         codec = PretrainedVAE(vae or "stabilityai/sd-vae-ft-ema", SD_SCALE_FACTOR)
         source = "official DiT checkpoint"
     else:

@@ -1,0 +1,5 @@
+"""``python -m ditlab <command> ...`` is ``ditlab <command> ...``."""
+
+from ditlab.command import main
+
+main()

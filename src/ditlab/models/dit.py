@@ -11,7 +11,8 @@ so an official checkpoint loads with ``load_state_dict(sd, strict=True)``:
     blocks.N.{attn.qkv,attn.proj,mlp.fc1,mlp.fc2,adaLN_modulation.1}.*
     final_layer.{adaLN_modulation.1,linear}.*
 
-LayerNorms have no affine parameters (eps 1e-6): adaLN supplies shift and scale.
+LayerNorms have no affine parameters (eps 1e-6): adaLN supplies shift and scale. Like the reference
+model, the patch embedding, attention and MLP are timm's layers (PatchEmbed, Attention, Mlp).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from timm.layers import Attention, Mlp, PatchEmbed
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -33,24 +34,15 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 # --------------------------------------------------------------------------------------------
 
 
-class PatchEmbed(nn.Module):
-    """(N, C, H, W) -> (N, T, D) with a stride-p conv; T = (H / p) * (W / p)."""
-
-    def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int):
-        super().__init__()
-        if input_size % patch_size != 0:
-            raise ValueError(
-                f"input_size={input_size} is not divisible by patch_size={patch_size}; "
-                "expected a latent size that is a multiple of the patch size"
-            )
-        self.patch_size = patch_size
-        self.grid_size = input_size // patch_size
-        self.num_patches = self.grid_size**2
-        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x)  # (N, D, H/p, W/p)
-        return x.flatten(2).transpose(1, 2)  # (N, T, D)
+def patch_embed(input_size: int, patch_size: int, in_channels: int, hidden_size: int) -> PatchEmbed:
+    """timm's PatchEmbed, as the official model uses it: (N, C, H, W) -> (N, T, D) with a stride-p conv
+    named ``proj``; T = (H / p) * (W / p)."""
+    if input_size % patch_size != 0:
+        raise ValueError(
+            f"input_size={input_size} is not divisible by patch_size={patch_size}; "
+            "expected a latent size that is a multiple of the patch size"
+        )
+    return PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -108,40 +100,19 @@ class LabelEmbedder(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (official key names).
-
-    Goes through ``F.scaled_dot_product_attention`` so CUDA picks the flash / memory-efficient
-    kernels; numerically it is softmax(q k^T / sqrt(d)) v.
-    """
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"hidden_size={dim} is not divisible by num_heads={num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        self.proj = nn.Linear(dim, dim, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, t, d = x.shape
-        qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, self.head_dim)  # (N, T, 3, H, Dh)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, T, Dh)
-        x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, Dh)
-        x = x.transpose(1, 2).reshape(n, t, d)  # (N, T, D)
-        return self.proj(x)
+def attention(dim: int, num_heads: int) -> Attention:
+    """timm's multi-head self-attention with a fused qkv projection (official key names ``qkv``,
+    ``proj``), always through ``F.scaled_dot_product_attention`` so CUDA picks the flash /
+    memory-efficient kernels; numerically it is softmax(q k^T / sqrt(d)) v."""
+    if dim % num_heads != 0:
+        raise ValueError(f"hidden_size={dim} is not divisible by num_heads={num_heads}")
+    attn = Attention(dim, num_heads=num_heads, qkv_bias=True)
+    attn.fused_attn = True  # timm's default too, unless the environment sets TIMM_FUSED_ATTN=0
+    return attn
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim, bias=True)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden_dim, dim, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+def approx_gelu() -> nn.Module:
+    return nn.GELU(approximate="tanh")
 
 
 class DiTBlock(nn.Module):
@@ -151,9 +122,9 @@ class DiTBlock(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
+        self.attn = attention(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=approx_gelu, drop=0)  # fc1, fc2
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -223,11 +194,12 @@ class DiT(nn.Module):
         self.num_heads = num_heads
         self.num_classes = num_classes
 
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.x_embedder = patch_embed(input_size, patch_size, in_channels, hidden_size)
+        self.grid_size = input_size // patch_size
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # Fixed, not learned; a Parameter (not a buffer) only because official checkpoints store it so.
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size**2, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
@@ -241,7 +213,7 @@ class DiT(nn.Module):
 
         self.apply(_basic_init)
         with torch.no_grad():
-            table = sincos_pos_embed_2d(self.pos_embed.shape[-1], self.x_embedder.grid_size)
+            table = sincos_pos_embed_2d(self.pos_embed.shape[-1], self.grid_size)
             self.pos_embed.copy_(table.float().unsqueeze(0))
         # The patch conv is initialised like the nn.Linear it is equivalent to.
         w = self.x_embedder.proj.weight.data
@@ -261,7 +233,7 @@ class DiT(nn.Module):
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         # (N, T, p * p * C) -> (N, C, H, W)
-        c, p, h = self.out_channels, self.patch_size, self.x_embedder.grid_size
+        c, p, h = self.out_channels, self.patch_size, self.grid_size
         x = x.reshape(x.shape[0], h, h, p, p, c)
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, h * p)

@@ -20,6 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ditlab.diffusion import CFGModel, Sampler, create_diffusion
+from ditlab.diffusion.samplers import samplers_for
 from ditlab.models.official import load_official_checkpoint
 from ditlab.seeding import per_sample_normal, stream_seed
 
@@ -127,19 +128,30 @@ class ModelBundle:
     def generate(
         self,
         labels,
-        sampler: Sampler | None = None,
-        guidance: Guidance = Guidance(),
+        sampler: Sampler | int | None = None,
+        guidance: Guidance | float = Guidance(),
         seed: int = 0,
         batch_size: int = 64,
         indices: torch.Tensor | None = None,
         progress: bool = False,
     ) -> torch.Tensor:
-        """Images (N, C, H, W) in [-1, 1] for ``labels`` (a list or tensor of class indices)."""
+        """Images (N, C, H, W) in [-1, 1] for ``labels`` (a list or tensor of class indices).
+
+        Notebook shorthands: ``sampler`` a number of steps (the objective's first deterministic
+        sampler: DDIM, or Heun for flow matching), ``guidance`` a cfg scale:
+        ``model.generate([0, 1], 50, 4.0, seed=0)``. Default: DDPM with 250 steps, no guidance."""
         labels = torch.as_tensor(labels, dtype=torch.long)
+        if isinstance(sampler, int):
+            name = "ddim" if "ddim" in samplers_for(self.objective) else "flow_heun"
+            sampler = Sampler(name, sampler)
+        if not isinstance(guidance, Guidance):
+            guidance = Guidance(float(guidance))
+        sampler = sampler or Sampler("ddpm", 250)
+        sampler.check(self.objective)
         return generate(
             self.net,
             self.objective,
-            sampler or Sampler("ddpm", 250),
+            sampler,
             labels,
             torch.arange(len(labels)) if indices is None else indices,
             latent_shape=self.latent_shape,

@@ -30,8 +30,13 @@ def build(cfg: DictConfig, init_weights: bool = True):
     ``init_weights``: apply ``init_from`` (off when the run resumes from a checkpoint anyway)."""
     from ditlab.data.preparation import prepare_dataset
     from ditlab.data.shards import META_FILE
-    from ditlab.training.finetune import apply_finetune
+    from ditlab.training.finetune import apply_finetune, check_source
 
+    if init_weights and cfg.get("init_from"):
+        try:
+            check_source(cfg.init_from)
+        except FileNotFoundError as err:
+            raise ConfigError(str(err)) from err
     prepared = Path(cfg.data.prepared_dir)
     if not (prepared / META_FILE).is_file():
         if not cfg.prepare_if_missing:

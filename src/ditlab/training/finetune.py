@@ -28,18 +28,24 @@ LABEL_TABLE = "y_embedder.embedding_table.weight"
 POS_EMBED = "pos_embed"
 
 
-def read_source_weights(path: str | Path, ema: bool = True) -> dict[str, torch.Tensor]:
-    """The official-layout state_dict of a DiT in any of the supported formats, on the CPU."""
+def check_source(path: str | Path) -> Path:
+    """Fail before anything else happens (data preparation included) when ``init_from`` is missing."""
     path = Path(path)
-    if path.is_dir():
-        from ditlab.interop.diffusers_dit import load_diffusers_dit
-
-        return load_diffusers_dit(path).state_dict()
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(
             f"init_from={str(path)!r} does not exist; expected an official DiT .pt/.safetensors, "
             "a ditlab .ckpt or a diffusers DiT folder"
         )
+    return path
+
+
+def read_source_weights(path: str | Path, ema: bool = True) -> dict[str, torch.Tensor]:
+    """The official-layout state_dict of a DiT in any of the supported formats, on the CPU."""
+    path = check_source(path)
+    if path.is_dir():
+        from ditlab.interop.diffusers_dit import load_diffusers_dit
+
+        return load_diffusers_dit(path).state_dict()
     if path.suffix == ".ckpt":
         from ditlab.inference import load_network
 

@@ -117,12 +117,16 @@ def train(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path=str(Path(__file__).parent / "conf"), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Returns the configured ``objective`` (e.g. the last ``val/fid_clf``) for Hydra sweepers."""
+    from lightning.pytorch.utilities import rank_zero_only
+
     from ditlab.training.sweeps import ObjectiveError, objective_value
 
     try:
-        return objective_value(train(cfg), cfg.get("objective"))
+        metrics = train(cfg)
+        # rank 0 answers the sweeper; the DDP children of a job just finish
+        return objective_value(metrics, cfg.get("objective")) if rank_zero_only.rank == 0 else None
     except (ConfigError, ObjectiveError) as err:
-        # Nothing was trained: remove what Hydra created for this run, then one line and a non-zero exit.
+        # Remove what Hydra created for this run unless it trained, then one line and a non-zero exit.
         output_dir = Path(HydraConfig.get().runtime.output_dir)
         if output_dir.is_dir() and not (output_dir / "checkpoints").exists():
             shutil.rmtree(output_dir, ignore_errors=True)

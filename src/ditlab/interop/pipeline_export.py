@@ -110,6 +110,10 @@ def _model_card(bundle, ckpt: Path, ema: bool, metrics: dict, note: str | None, 
         main["data"] = cfg.data.name
         main["max_steps"] = cfg.trainer.get("max_steps")
         main["seed"] = cfg.seed
+        fid = cfg.get("callbacks", {}).get("fid")
+        if fid:  # the protocol behind the val/fid* numbers above (fid_clf: the dataset's classifier, not Inception)
+            keys = ("extractor", "num_samples", "cfg_scale", "guided_channels", "sampler", "seed")
+            main["fid_protocol"] = {k: OmegaConf.to_container(fid, resolve=True).get(k) for k in keys}
         lines += [
             "```yaml",
             yaml.safe_dump(main, sort_keys=False).rstrip(),

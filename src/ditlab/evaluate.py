@@ -65,7 +65,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     images, labels = load_samples(cfg.samples)
     ref_path, weights = resolve_reference(cfg.reference, extractor, cfg.weights_path)
     reference = ReferenceStats.load(ref_path, extractor)
-    features = Extractor(extractor, weights, device=device)(images)
+    features = Extractor(extractor, weights, device=device, progress=cfg.progress)(images)
     results = compute_metrics(
         features, reference, tuple(cfg.metrics), cfg.kid_subset_size, labels=labels if extractor == "clf" else None
     )

@@ -17,6 +17,7 @@ from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor
+from tqdm.auto import tqdm
 
 import ditlab.metrics.classifier_features  # noqa: F401 - registers the ditlab-clf extractor
 from ditlab.metrics.reference import ReferenceStats
@@ -38,6 +39,7 @@ class Extractor:
     weights_path: str | None = None
     device: str = "cpu"
     batch_size: int = 256
+    progress: bool = False  # a progress bar over the batches (ditlab.evaluate)
 
     def __post_init__(self):
         if self.kind not in EXTRACTORS:
@@ -62,7 +64,8 @@ class Extractor:
         if self.kind == "inception" and images.shape[1] == 1:
             images = images.repeat(1, 3, 1, 1)  # Inception takes RGB
         feats, logits = [], []
-        for chunk in images.split(self.batch_size):
+        chunks = images.split(self.batch_size)
+        for chunk in tqdm(chunks, desc=f"{self.kind} features", unit="batch", disable=not self.progress):
             f, lg = self.model(chunk.to(self.device))
             feats.append(f.double().cpu())
             logits.append(lg.double().cpu())

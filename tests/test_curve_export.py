@@ -116,18 +116,28 @@ def test_export_of_an_official_checkpoint_loads_in_dit_pipeline_offline(tmp_path
     assert images.shape == (2, 8, 8, 3) and np.isfinite(images).all()
 
 
-def test_ditlab_command_runs_help_for_every_subcommand(tmp_path):
-    from ditlab.command import COMMANDS
+def test_ditlab_command_runs_help_for_every_subcommand(tmp_path, capsys):
+    from ditlab.command import COMMANDS, main
 
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert 'ditlab = "ditlab.command:main"' in pyproject
-    top = run_ditlab(["--help"], cwd=tmp_path)
-    assert top.returncode == 0 and all(name in top.stdout for name in COMMANDS)
-    for name in COMMANDS:
-        result = run_ditlab([name, "--help"], cwd=tmp_path)
-        assert result.returncode == 0, (name, result.stderr[-2000:])
-        assert ("Powered by Hydra" in result.stdout) or ("usage:" in result.stdout), name
-    bad = run_ditlab(["trian"], cwd=tmp_path)
-    assert bad.returncode == 2 and bad.stderr.strip() == (
+    main(["--help"])
+    listing = capsys.readouterr().out
+    assert all(f"  {name}  " in listing for name in COMMANDS)
+    with pytest.raises(SystemExit) as exit_:
+        main(["trian"])
+    assert exit_.value.code == 2 and capsys.readouterr().err.strip() == (
         "ditlab: error: unknown command 'trian'; expected one of prepare, train, sample, evaluate, bench, export"
     )
+    # each subcommand in its own fresh process, all at once
+    code = "import sys; from ditlab.command import main; sys.argv[0] = 'ditlab'; main()"
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", code, name, "--help"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for name in COMMANDS
+    }
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, (name, err.decode()[-2000:])
+        assert b"Powered by Hydra" in out or b"usage:" in out, name

@@ -67,3 +67,24 @@ def randomised(model):
             if name != "pos_embed":
                 p.normal_(0, 0.05)
     return model.eval()
+
+
+def tiny_overrides(prepared, root, steps=4, extra=()):
+    """experiment=smoke pointed at the tiny prepared folder (3 classes, 8x8x3 identity latents)."""
+    return [
+        "experiment=smoke",
+        "data=folder",
+        f"data.prepared_dir={prepared}",
+        "data.module.batch_size=8",
+        "model.in_channels=3",
+        "model.num_classes=3",
+        "model.input_size=8",
+        "model.patch_size=2",
+        "sampler.steps=4",
+        f"trainer.max_steps={steps}",
+        "trainer.log_every_n_steps=1",
+        f"paths.root_dir={root}",
+        "prepare_if_missing=false",
+        "callbacks.throughput.window_steps=2",
+        *extra,
+    ]

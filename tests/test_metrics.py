@@ -67,7 +67,7 @@ def test_reference_stats_save_load_and_adm_format(tmp_path, extractor):
     ref.save(tmp_path / "ref.npz")
     loaded = ReferenceStats.load(tmp_path / "ref.npz", "clf")
     assert np.allclose(loaded.mu, ref.mu) and loaded.features.shape == (100, 8)
-    with pytest.raises(ValueError, match="holds clf statistics, not inception"):
+    with pytest.raises(ValueError, match="holds clf statistics; expected inception"):
         ReferenceStats.load(tmp_path / "ref.npz", "inception")
     # ADM's reference batches carry mu / sigma (Inception) beside arr_0
     np.savez(

@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from ditlab.train import ConfigError, build, train
-from helpers import CONF_DIR, compose_cfg, prepare_tiny_folder
+from helpers import CONF_DIR, compose_cfg, prepare_tiny_folder, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,27 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     return prepare_tiny_folder(tmp_path_factory.mktemp("prepared"))
-
-
-def tiny_overrides(prepared, root, steps=4, extra=()):
-    """experiment=smoke pointed at the tiny prepared folder (3 classes, 8x8x3 identity latents)."""
-    return [
-        "experiment=smoke",
-        "data=folder",
-        f"data.prepared_dir={prepared}",
-        "data.module.batch_size=8",
-        "model.in_channels=3",
-        "model.num_classes=3",
-        "model.input_size=8",
-        "model.patch_size=2",
-        "sampler.steps=4",
-        f"trainer.max_steps={steps}",
-        "trainer.log_every_n_steps=1",
-        f"paths.root_dir={root}",
-        "prepare_if_missing=false",
-        "callbacks.throughput.window_steps=2",
-        *extra,
-    ]
 
 
 def compose_run(prepared, out_dir, steps=4, extra=()):
@@ -135,7 +114,7 @@ def test_few_step_run_writes_checkpoint_grid_logs_and_metrics(prepared, tmp_path
     metrics = train(compose_run(prepared, out, steps=4))
     assert (out / "checkpoints" / "last.ckpt").is_file()
     assert (out / "samples" / "step_0000004.png").is_file()
-    assert "train/loss" in (out / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert "train/loss" in (out / "csv" / "run" / "metrics.csv").read_text().splitlines()[0]
     assert (out / "metrics.json").is_file() and "train/loss" in metrics
     # the checkpoint is plain state: loadable without unpickling code
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)

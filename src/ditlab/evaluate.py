@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from ditlab.cli import exit_on_error
+from ditlab.cli import exit_on_error, hydra_command
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -65,6 +64,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     images, labels = load_samples(cfg.samples)
     ref_path, weights = resolve_reference(cfg.reference, extractor, cfg.weights_path)
     reference = ReferenceStats.load(ref_path, extractor)
+    size = tuple(images.shape[-2:])
+    if reference.image_size is not None and size != (reference.image_size, reference.image_size):
+        raise ValueError(
+            f"samples={cfg.samples} are {size[0]}x{size[1]} images but {ref_path} was computed on "
+            f"{reference.image_size}x{reference.image_size} images; expected samples of the reference's size"
+        )
     features = Extractor(extractor, weights, device=device, progress=cfg.progress)(images)
     results = compute_metrics(
         features, reference, tuple(cfg.metrics), cfg.kid_subset_size, labels=labels if extractor == "clf" else None
@@ -94,7 +99,7 @@ def evaluate_run(cfg: DictConfig, device: str) -> dict:
     return {"scored": scored, "rows": rows}
 
 
-@hydra.main(version_base="1.3", config_path=str(Path(__file__).parent / "conf"), config_name="evaluate")
+@hydra_command("ditlab.evaluate", "evaluate")
 def main(cfg: DictConfig) -> None:
     exit_on_error("ditlab.evaluate", evaluate, cfg)
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from ditlab.cli import exit_on_error
+from ditlab.cli import INPUT_ERRORS, exit_on_error, hydra_command
 
 
 def run(cfg: DictConfig) -> Path:
@@ -18,9 +17,9 @@ def run(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path=str(Path(__file__).parent / "conf"), config_name="export")
+@hydra_command("ditlab.export", "export")
 def main(cfg: DictConfig) -> None:
-    exit_on_error("ditlab.export", run, cfg, errors=(ValueError, FileNotFoundError, FileExistsError))
+    exit_on_error("ditlab.export", run, cfg, errors=(*INPUT_ERRORS, FileExistsError))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ class Guidance:
 
     def __post_init__(self):
         if self.scale < 0:
-            raise ValueError(f"cfg_scale={self.scale} must be >= 0 (1.0: no guidance)")
+            raise ValueError(f"cfg_scale={self.scale}; expected a number >= 0 (1.0: no guidance)")
 
     def wrap(self, net: Callable, null_label: int, in_channels: int) -> CFGModel:
         interval = None if self.interval is None else tuple(self.interval)
@@ -185,9 +185,18 @@ def load_network(ckpt: str | Path, ema: bool = True):
             f"ckpt={str(ckpt)!r} does not exist; expected a ditlab .ckpt, an official DiT .pt or a diffusers folder"
         )
     if path.suffix != ".ckpt":
-        net = load_official_checkpoint(path)
+        try:
+            net = load_official_checkpoint(path)
+        except (ValueError, FileNotFoundError):
+            raise
+        except Exception as err:  # noqa: BLE001 - truncated / foreign file: one line for the command
+            raise ValueError(
+                f"{path} cannot be read as an official DiT checkpoint ({err}); expected a DiT .pt"
+            ) from err
         return net, create_diffusion(learn_sigma=net.learn_sigma), None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    from ditlab.training.checkpointing import check_checkpoint_fits, read_checkpoint
+
+    checkpoint = read_checkpoint(path)  # weights only; truncated / crafted files -> one line (ValueError)
     config_yaml = checkpoint.get("ditlab", {}).get("config_yaml")
     if not config_yaml:
         raise ValueError(f"{str(path)!r} is not a ditlab checkpoint (no stored run config)")
@@ -195,6 +204,7 @@ def load_network(ckpt: str | Path, ema: bool = True):
     net = instantiate(cfg.model)
     prefix = "ema.net." if ema else "net."
     state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    check_checkpoint_fits({"state_dict": state}, net, path)
     net.load_state_dict(state, strict=True)
     return net.eval(), instantiate(cfg.diffusion.objective), cfg
 

@@ -7,16 +7,13 @@ writes its own chunk files; rank 0 merges the indexes. The work is ``ditlab.data
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import hydra
 from omegaconf import DictConfig
 
-from ditlab.cli import exit_on_error
+from ditlab.cli import exit_on_error, hydra_command
 from ditlab.data.preparation import prepare_dataset
 
 
-@hydra.main(version_base="1.3", config_path=str(Path(__file__).parent / "conf"), config_name="prepare")
+@hydra_command("ditlab.prepare", "prepare")
 def main(cfg: DictConfig) -> None:
     exit_on_error("ditlab.prepare", prepare_dataset, cfg)
 

@@ -13,13 +13,12 @@ import os
 import time
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from ditlab.cli import exit_on_error
+from ditlab.cli import exit_on_error, hydra_command
 from ditlab.inference import Guidance, check_labels, generate, load_model, sample_labels
 
 log = logging.getLogger("ditlab.sample")
@@ -138,7 +137,7 @@ def _grid(bundle, sampler, guidance, labels, cfg, device, out: Path) -> Path:
     return path
 
 
-@hydra.main(version_base="1.3", config_path=str(Path(__file__).parent / "conf"), config_name="sample")
+@hydra_command("ditlab.sample", "sample")
 def main(cfg: DictConfig) -> None:
     exit_on_error("ditlab.sample", run, cfg)
 

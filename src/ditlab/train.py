@@ -1,22 +1,34 @@
 """``python -m ditlab.train``: compose the config, build everything with ``_target_``, fit.
 
 Everything that can be wrong with a config is checked before anything is written: a bad override
-exits with one line and leaves no run dir and no checkpoint behind.
+exits with one line and leaves no run dir and no checkpoint behind. A run that stops on its own
+says why in one line too: preempted (SIGTERM/SIGUSR1: checkpoint written, exit 75), non-finite
+loss in K consecutive steps (exit 3), a checkpoint that could not be written (exit 4).
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
 from pathlib import Path
 
-import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ditlab.cli import config_error_message, fail, hydra_command
+from ditlab.training.checkpointing import (
+    CheckpointReadError,
+    CheckpointWriteError,
+    check_checkpoint_fits,
+    find_resume_checkpoint,
+    read_checkpoint,
+)
+from ditlab.training.nonfinite import NonFiniteTraining
+from ditlab.training.preemption import PREEMPTED_EXIT, Preempted
+from ditlab.training.preflight import check_hardware, check_vae_matches, die_with_parent
 
 log = logging.getLogger("ditlab.train")
 
@@ -47,9 +59,12 @@ def build(cfg: DictConfig, init_weights: bool = True):
         log.info(f"{prepared} is not prepared yet: preparing it first")
         prepare_dataset(cfg)
     try:
+        check_hardware(cfg.trainer)
         datamodule = instantiate(cfg.data.module)
+        check_vae_matches(cfg.vae, datamodule.meta, prepared)
         m = cfg.model
         datamodule.check_model(m.input_size, m.in_channels, m.patch_size, m.num_classes)
+        datamodule.check_data()
         net = instantiate(cfg.model)
         apply_finetune(net, cfg.get("init_from") if init_weights else None, cfg.get("finetune"))
         objective = instantiate(cfg.diffusion.objective)
@@ -72,22 +87,31 @@ def build(cfg: DictConfig, init_weights: bool = True):
         raise ConfigError(str(cause).strip().splitlines()[0]) from err
     except (ValueError, TypeError, FileNotFoundError) as err:
         raise ConfigError(str(err).strip().splitlines()[0]) from err
+    except OmegaConfBaseException as err:
+        raise ConfigError(config_error_message(err)) from err
     module.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     return datamodule, module
 
 
-def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: Path) -> str | None:
+    """``last``: the newest complete checkpoint of this run dir (None: start from scratch); a path: checked."""
     if ckpt_path is None:
         return None
     if ckpt_path == "last":
-        last = output_dir / "checkpoints" / "last.ckpt"
-        if last.is_file():
-            return str(last)
-        log.info(f"ckpt_path=last: no {last} yet, starting from scratch")
-        return None
+        found = find_resume_checkpoint(checkpoint_dir)
+        if found is None:
+            log.info(f"ckpt_path=last: no complete checkpoint in {checkpoint_dir} yet, starting from scratch")
+            return None
+        log.info(f"ckpt_path=last: resuming from {found}")
+        return str(found)
     if not Path(ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={ckpt_path!r} does not exist; expected 'last' or a .ckpt file")
     return ckpt_path
+
+
+def _checkpoint_dir(cfg: DictConfig) -> Path:
+    configured = OmegaConf.select(cfg, "callbacks.checkpoint.dirpath")
+    return Path(configured) if configured else Path(cfg.paths.output_dir) / "checkpoints"
 
 
 def train(cfg: DictConfig) -> dict:
@@ -98,14 +122,24 @@ def train(cfg: DictConfig) -> dict:
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
+    die_with_parent()
     output_dir = Path(cfg.paths.output_dir)
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, _checkpoint_dir(cfg))
     if ckpt_path and cfg.get("init_from"):
         log.info(f"resuming from {ckpt_path}: init_from is not applied again")
     datamodule, module = build(cfg, init_weights=ckpt_path is None)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    loggers = [instantiate(c) for c in cfg.logger.values() if c is not None] if cfg.get("logger") else False
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    try:
+        if ckpt_path:  # a truncated file, a crafted pickle, another model size: one line, before anything runs
+            check_checkpoint_fits(read_checkpoint(ckpt_path, mmap=True), module, ckpt_path)
+        callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+        loggers = [instantiate(c) for c in cfg.logger.values() if c is not None] if cfg.get("logger") else False
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    except InstantiationException as err:
+        raise ConfigError(str(err.__cause__ or err).strip().splitlines()[0]) from err
+    except (ValueError, TypeError) as err:
+        raise ConfigError(str(err).strip().splitlines()[0]) from err
+    except OmegaConfBaseException as err:
+        raise ConfigError(config_error_message(err)) from err
     log_config(loggers, cfg)
     n_params = sum(p.numel() for p in module.net.parameters())
     log.info(f"DiT with {n_params / 1e6:.2f}M parameters; output in {output_dir}")
@@ -114,7 +148,7 @@ def train(cfg: DictConfig) -> dict:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 
-@hydra.main(version_base="1.3", config_path=str(Path(__file__).parent / "conf"), config_name="train")
+@hydra_command("ditlab.train", "train")
 def main(cfg: DictConfig) -> float | None:
     """Returns the configured ``objective`` (e.g. the last ``val/fid_clf``) for Hydra sweepers."""
     from lightning.pytorch.utilities import rank_zero_only
@@ -125,13 +159,16 @@ def main(cfg: DictConfig) -> float | None:
         metrics = train(cfg)
         # rank 0 answers the sweeper; the DDP children of a job just finish
         return objective_value(metrics, cfg.get("objective")) if rank_zero_only.rank == 0 else None
-    except (ConfigError, ObjectiveError) as err:
-        # Remove what Hydra created for this run unless it trained, then one line and a non-zero exit.
-        output_dir = Path(HydraConfig.get().runtime.output_dir)
-        if output_dir.is_dir() and not (output_dir / "checkpoints").exists():
-            shutil.rmtree(output_dir, ignore_errors=True)
-        print(f"ditlab.train: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except (ConfigError, CheckpointReadError, ObjectiveError) as err:
+        fail("ditlab.train", str(err))  # the fresh run dir goes too (kept when it holds anything else)
+    except Preempted as stop:
+        if rank_zero_only.rank == 0:  # one line, not one per rank
+            print(f"ditlab.train: {stop}", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT)
+    except NonFiniteTraining as err:
+        fail("ditlab.train", str(err), code=3, remove_run_dir=False)
+    except CheckpointWriteError as err:
+        fail("ditlab.train", err.strerror or str(err), code=4, remove_run_dir=False)
 
 
 if __name__ == "__main__":

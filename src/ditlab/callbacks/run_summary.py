@@ -1,8 +1,10 @@
-"""Writes the run's final metrics to ``metrics.json`` in the run dir (atomically)."""
+"""Writes the run's final metrics to ``metrics.json`` in the run dir (atomically). Always valid
+JSON: a non-finite value (a NaN loss) is written as null, never as a bare ``NaN``."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -12,6 +14,10 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from ditlab.callbacks.sampling import SamplingCallback
 from ditlab.training.sweeps import job_overrides
+
+
+def finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 class RunSummary(Callback):
@@ -24,10 +30,26 @@ class RunSummary(Callback):
         self._start = time.time()
 
     @rank_zero_only
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A stopped run (non-finite streak, preemption, full disk) still leaves a valid metrics.json."""
+        try:
+            self._write(trainer, pl_module, status=f"stopped: {type(exception).__name__}")
+        except OSError:
+            pass  # e.g. the disk is full: the exception being handled is the one to report
+
+    @rank_zero_only
     def on_train_end(self, trainer, pl_module):
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+        self._write(trainer, pl_module, status="finished")
+
+    def _write(self, trainer, pl_module, status: str) -> None:
+        metrics = {
+            k: finite_or_none(float(v))
+            for k, v in trainer.callback_metrics.items()
+            if getattr(v, "numel", lambda: 1)() == 1
+        }
         summary = {
             "global_step": trainer.global_step,
+            "status": status,
             "fit_seconds": round(time.time() - self._start, 1),
             "metrics": metrics,
             # which weights each sampling callback used (grids, FID): "ema" or "raw"
@@ -39,10 +61,13 @@ class RunSummary(Callback):
         summary["overrides"] = job_overrides()
         if self.objective:
             summary["objective"] = {"name": self.objective, "value": metrics.get(self.objective)}
+        nonfinite = getattr(pl_module, "nonfinite", None)
+        if nonfinite is not None:
+            summary["skipped_nonfinite_steps"] = nonfinite.skipped
         for cb in trainer.callbacks:
             if type(cb).__name__ == "Throughput":
                 summary["images_seen"] = cb.images_seen
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.write_text(json.dumps(summary, indent=2, allow_nan=False))
         tmp.replace(self.path)

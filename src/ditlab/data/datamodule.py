@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from lightning import LightningDataModule
 
-from ditlab.data.shards import read_meta
+from ditlab.data.shards import check_split, read_meta
 from ditlab.seeding import stream_generator
 
 
@@ -137,6 +137,17 @@ class LatentDataModule(LightningDataModule):
             raise ValueError(f"model.patch_size={patch_size} does not divide the latent size {h}")
         if num_classes != self.num_classes:
             raise ValueError(f"model.num_classes={num_classes} but {self.path} has {self.num_classes} classes")
+
+    def check_data(self) -> None:
+        """Fail before training on missing, truncated or foreign shards (one line each)."""
+        if "://" in self.path:
+            return
+        for split in (self.train_split, self.val_split):
+            location = Path(self.path) / split
+            if split == self.train_split or split in self.meta.get("splits", {}):
+                if not (location / "index.json").is_file():
+                    raise FileNotFoundError(f"split {split!r} missing in {self.path}: expected {location}/index.json")
+                check_split(location, self.meta)
 
     # ------------------------------------------------------------ loading
     def _dataset(self, split: str, shuffle: bool):

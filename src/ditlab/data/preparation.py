@@ -48,8 +48,10 @@ def prepare_dataset(cfg: DictConfig) -> Path:
         else:
             log.info(f"{out_dir} is already prepared; nothing to do (delete it to redo)")
         return out_dir
+    sources = {split: make_source(split=split) for split in cfg.data.splits}  # bad input fails here, before any write
+    if len(sources["train"]) == 0:
+        raise ValueError(f"data.source has no training images ({cfg.data.source}); expected images to prepare")
     out_dir.mkdir(parents=True, exist_ok=True)
-    sources = {split: make_source(split=split) for split in cfg.data.splits}
 
     from ditlab.training.fit_vae import SmallVAERecipe
 
@@ -105,7 +107,7 @@ def prepare_dataset(cfg: DictConfig) -> Path:
         "latent_shape": [latent_channels, size, size],
         "latent_format": "posterior" if store_posterior else "sample",
         "latent_dtype": "float16",
-        "vae": codec.describe(),
+        "vae": {**codec.describe(), "name": cfg.vae.name},  # train checks it names the same VAE
         "ditlab_version": ditlab.__version__,
     }
     write_json_atomic(out_dir / META_FILE, meta)

@@ -43,7 +43,49 @@ def read_meta(prepared_dir: str | Path) -> dict:
             f"no prepared dataset at {str(prepared_dir)!r} (missing {META_FILE}); run "
             "'python -m ditlab.prepare data=<dataset> vae=<vae>' first"
         )
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{path} is not valid JSON ({err}); expected the {META_FILE} written by ditlab.prepare"
+        ) from err
+    missing = [k for k in ("num_classes", "latent_shape", "vae") if k not in meta] if isinstance(meta, dict) else ["*"]
+    if missing:
+        raise ValueError(f"{path} lacks {missing[0]!r}; expected the {META_FILE} written by ditlab.prepare")
+    return meta
+
+
+def check_split(split_dir: str | Path, meta: dict) -> None:
+    """A split's shards are complete and hold what meta.json says: every chunk file has the size its
+    index records (a truncated shard otherwise surfaces as a litdata timeout, many lines deep), and
+    the first item is a float16 latent block (2, M, C, H, W) of meta's latent shape."""
+    split_dir = Path(split_dir)
+    try:
+        chunks = json.loads((split_dir / INDEX_FILE).read_text())["chunks"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{split_dir / INDEX_FILE} is unreadable ({err}); expected litdata's index") from err
+    for chunk in chunks:
+        f = split_dir / chunk["filename"]
+        size = f.stat().st_size if f.is_file() else None
+        if size != chunk["chunk_bytes"]:
+            raise ValueError(
+                f"shard {f} is {'missing' if size is None else f'{size} bytes'}; expected {chunk['chunk_bytes']} "
+                "bytes (truncated: delete the prepared dir and rerun ditlab.prepare)"
+            )
+    from litdata import StreamingDataset
+
+    try:
+        latent = np.asarray(StreamingDataset(str(split_dir))[0]["latent"])
+    except Exception as err:  # noqa: BLE001 - an undecodable item is a bad shard, whatever litdata raises
+        raise ValueError(
+            f"the first item of {split_dir} cannot be decoded ({err}); expected ditlab.prepare's shards"
+        ) from err
+    shape = tuple(meta["latent_shape"])
+    if latent.dtype != np.dtype(meta.get("latent_dtype", "float16")) or latent.ndim != 5 or latent.shape[2:] != shape:
+        raise ValueError(
+            f"latents in {split_dir} are {latent.dtype} {latent.shape}; expected {meta.get('latent_dtype', 'float16')} "
+            f"(2, M, {', '.join(map(str, shape))}) as {META_FILE} says"
+        )
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:

@@ -138,7 +138,10 @@ def main(argv=None) -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--raw", action="store_true", help="export the raw weights, not the EMA")
     args = parser.parse_args(argv)
-    print(export_checkpoint(args.ckpt, args.out_dir, ema=not args.raw))
+    from ditlab.cli import exit_on_error
+
+    # the checkpoint is read (and checked) before out_dir is created: a bad one writes nothing
+    print(exit_on_error("ditlab.export", export_checkpoint, args.ckpt, args.out_dir, not args.raw))
 
 
 if __name__ == "__main__":

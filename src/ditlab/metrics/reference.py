@@ -21,13 +21,16 @@ class ReferenceStats:
     sigma: np.ndarray
     features: np.ndarray | None  # a subset, for KID and precision/recall
     extractor: str
+    image_size: int | None = None  # the real images' resolution (None: unknown, e.g. ADM's files)
 
     @classmethod
-    def from_features(cls, features: torch.Tensor, extractor: str, keep: int = 10000, seed: int = 0):
+    def from_features(
+        cls, features: torch.Tensor, extractor: str, keep: int = 10000, seed: int = 0, image_size: int | None = None
+    ):
         f = features.double().numpy()
         rng = np.random.default_rng(seed)
         subset = f[rng.choice(len(f), size=min(keep, len(f)), replace=False)] if keep else None
-        return cls(f.mean(0), np.cov(f, rowvar=False), subset, extractor)
+        return cls(f.mean(0), np.cov(f, rowvar=False), subset, extractor, image_size)
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -35,6 +38,8 @@ class ReferenceStats:
         arrays = {"mu": self.mu, "sigma": self.sigma, "extractor": np.array(self.extractor)}
         if self.features is not None:
             arrays["features"] = self.features
+        if self.image_size is not None:
+            arrays["image_size"] = np.array(self.image_size)
         np.savez(tmp, **arrays)
         tmp.replace(path)
 
@@ -50,9 +55,12 @@ class ReferenceStats:
                 raise ValueError(f"{str(path)!r} has no 'mu'/'sigma' arrays; expected ditlab or ADM reference stats")
             kind = str(data["extractor"]) if "extractor" in data else "inception"  # ADM files are Inception
             features = data["features"] if "features" in data else None
-            stats = cls(data["mu"].astype(np.float64), data["sigma"].astype(np.float64), features, kind)
+            size = int(data["image_size"]) if "image_size" in data else None
+            stats = cls(data["mu"].astype(np.float64), data["sigma"].astype(np.float64), features, kind, size)
         if extractor is not None and extractor != stats.extractor:
-            raise ValueError(f"{str(path)!r} holds {stats.extractor} statistics, not {extractor}")
+            raise ValueError(
+                f"{str(path)!r} holds {stats.extractor} statistics; expected {extractor} (extractor={extractor})"
+            )
         return stats
 
 
@@ -92,6 +100,7 @@ def compute_reference(ref_cfg, sources: dict, out_dir: Path, device) -> Path:
     for images, _labels, _keys, _failed in tqdm(loader, desc=f"reference_{kind} ({ref_cfg.split})", unit="batch"):
         if images is not None:
             features.append(extractor(model_range_to_uint8(images).permute(0, 3, 1, 2))["features"])
-    ReferenceStats.from_features(torch.cat(features), kind).save(path)
+    image_size = getattr(source, "image_size", None)
+    ReferenceStats.from_features(torch.cat(features), kind, image_size=image_size).save(path)
     log.info(f"{path.name}: statistics of {count} {ref_cfg.split} images")
     return path

@@ -15,6 +15,7 @@ from lightning import LightningModule
 
 from ditlab.seeding import stream_generator, stream_seed
 from ditlab.training.ema import EMA
+from ditlab.training.nonfinite import NonFiniteSteps
 
 
 class DiTModule(LightningModule):
@@ -26,6 +27,7 @@ class DiTModule(LightningModule):
     ema_decay / ema_warmup: the EMA of the weights (kept in fp32, in the checkpoint).
     compile: apply ``torch.compile`` to the network from outside (``configure_model``).
     seed: base of the per-step seeds.
+    max_nonfinite_steps: stop after this many non-finite steps in a row (each one is skipped).
     """
 
     def __init__(
@@ -38,6 +40,7 @@ class DiTModule(LightningModule):
         ema_warmup: bool = False,
         compile: bool = False,
         seed: int = 0,
+        max_nonfinite_steps: int = 10,
     ):
         super().__init__()
         self.net = net
@@ -49,6 +52,8 @@ class DiTModule(LightningModule):
         self.seed = seed
         self.config_yaml: str | None = None  # the resolved run config, stored in every checkpoint
         self._forward = net
+        self.nonfinite = NonFiniteSteps(max_nonfinite_steps)
+        self._loss: torch.Tensor | None = None
 
     # ------------------------------------------------------------ set-up from outside the model
     def configure_model(self) -> None:
@@ -83,20 +88,25 @@ class DiTModule(LightningModule):
             self.log(
                 f"train/{name}", value.mean(), on_step=True, on_epoch=False, sync_dist=True, prog_bar=name == "loss"
             )
+        self._loss = loss.detach()
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.net.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.nn.utils.get_total_norm(grads)
+        norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        if norm is not None:
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+        if self.nonfinite.check(self._loss, norm):  # skip: drop every gradient, the optimizer updates nothing
+            optimizer.zero_grad(set_to_none=True)
+        self.log("train/skipped_steps", float(self.nonfinite.skipped + self.nonfinite.skip_this_step), on_step=True)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         # Here, not in on_train_batch_end: Lightning runs the checkpoint callback's batch-end hook
         # before the module's, so a checkpoint at step N would hold the EMA after N - 1 updates.
-        self.ema.update(self.net)
+        if self.nonfinite.end_step(self.global_step):  # a skipped (non-finite) step leaves the EMA alone
+            self.ema.update(self.net)
 
     def validation_step(self, batch, batch_idx: int):
         latents, labels = batch
@@ -115,6 +125,7 @@ class DiTModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ditlab"] = {
             "config_yaml": self.config_yaml,
+            "nonfinite": self.nonfinite.state_dict(),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -122,6 +133,7 @@ class DiTModule(LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.nonfinite.load_state_dict(checkpoint.get("ditlab", {}).get("nonfinite", {}))
         rng = checkpoint.get("ditlab", {}).get("rng")
         if rng:
             torch.set_rng_state(rng["torch"])

@@ -1,0 +1,95 @@
+"""Non-finite steps are skipped (no optimizer, no EMA update) and counted; K in a row stop the run
+with one line and exit 3; a full disk while writing a checkpoint keeps the previous one."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from reliability_runs import STEPS, compose, full_state, overrides, temps, train_in_process
+
+from ditlab.training.checkpointing import CheckpointWriteError
+from ditlab.training.nonfinite import NonFiniteTraining
+
+
+def strict_json(path):
+    def no_constants(name):
+        raise ValueError(f"bare {name} in {path}")
+
+    return json.loads(path.read_text(), parse_constant=no_constants)
+
+
+def test_a_nan_batch_is_skipped_without_any_update(prepared, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setenv("DITLAB_FAULT", "batch@3:nan")  # the batch of step 3 (1-based) becomes NaN
+    train_in_process(compose(prepared, out, steps=STEPS, extra=["callbacks.checkpoint.every_n_train_steps=1"]))
+    ckpts = out / "checkpoints"
+    before, skipped, after = (full_state(ckpts / f"step_{s:07d}.ckpt") for s in (2, 3, 4))
+    for key in before:  # weights, EMA, optimizer moments and step counts: all untouched by the NaN step
+        if key.startswith(("state_dict/", "optimizer/")):
+            assert torch.equal(before[key], skipped[key]), key
+    assert not torch.equal(
+        skipped["state_dict/net.x_embedder.proj.weight"], after["state_dict/net.x_embedder.proj.weight"]
+    )
+    assert all(torch.isfinite(v.float()).all() for v in after.values())
+    summary = strict_json(out / "metrics.json")
+    assert summary["skipped_nonfinite_steps"] == 1 and summary["global_step"] == STEPS
+
+
+def test_k_nonfinite_steps_in_a_row_stop_with_one_line(prepared, tmp_path, monkeypatch, capsys):
+    """lr 1e30: step 1 blows the weights up, every later loss is NaN/Inf: stop after 3 skipped steps."""
+    from ditlab.train import main
+
+    out = tmp_path / "run"
+    extra = ["optim.optimizer.lr=1e30", "module.max_nonfinite_steps=3", f"hydra.run.dir={out}"]
+    monkeypatch.setattr(sys, "argv", ["ditlab.train", *overrides(prepared, tmp_path, STEPS, extra)])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    assert stop.value.code == 3
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("ditlab.train: error: non-finite loss or gradients in 3 consecutive steps (the last at step")
+    assert "expected finite values" in line
+    summary = strict_json(out / "metrics.json")  # valid JSON: the NaN loss is null
+    assert summary["status"] == "stopped: NonFiniteTraining" and summary["metrics"]["train/loss"] is None
+    last = full_state(out / "checkpoints" / "last.ckpt")  # the last checkpoint is kept, and finite
+    assert all(torch.isfinite(v.float()).all() for k, v in last.items() if k.startswith("state_dict/"))
+
+
+def test_full_disk_keeps_the_previous_checkpoint(prepared, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    # writes: step_2, last (step 2), step_4 <- "No space left on device" half-way through
+    monkeypatch.setenv("DITLAB_FAULT", "ckpt_write@3:enospc")
+    with pytest.raises(CheckpointWriteError, match="No space left on device"):
+        train_in_process(compose(prepared, out, steps=STEPS))
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step_0000002.ckpt"]  # no temp, no partial
+    assert not temps(ckpts)
+    assert int(full_state(ckpts / "last.ckpt")["global_step"]) == 2
+    monkeypatch.delenv("DITLAB_FAULT")  # space again: the rerun continues from step 2
+    train_in_process(compose(prepared, out, steps=STEPS))
+    assert int(full_state(ckpts / "last.ckpt")["global_step"]) == STEPS
+
+
+def test_nonfinite_guard_raises_only_after_k_in_a_row():
+    from ditlab.training.nonfinite import NonFiniteSteps
+
+    guard = NonFiniteSteps(max_consecutive=2)
+    nan, one = torch.tensor(float("nan")), torch.tensor(1.0)
+    for loss, norm, updated in [
+        (one, one, True),
+        (nan, nan, False),
+        (one, one, True),
+        (one, torch.tensor(float("inf")), False),
+        (nan, one, True),  # finite gradients decide (identical on every rank, unlike a rank's loss)
+        (nan, None, False),  # no gradients (nothing trainable): the loss decides
+    ]:
+        guard.check(loss, norm)
+        assert guard.end_step(0) is updated
+    guard.check(nan, nan)
+    with pytest.raises(NonFiniteTraining, match="2 consecutive"):
+        guard.end_step(5)
+    assert guard.skipped == 4
+    off = NonFiniteSteps(max_consecutive=0)  # off: no check (and no host sync)
+    assert off.check(nan, nan) is False and off.end_step(1) is True

@@ -1,0 +1,55 @@
+"""SIGTERM / SIGUSR1 mid-run: a checkpoint at the step boundary, a non-zero "preempted" exit, and a
+resume that continues exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from reliability_runs import STEPS, assert_same_state, compose, train_cli, train_in_process
+
+from ditlab.training.preemption import PREEMPTED_EXIT, Preempted
+
+
+def test_sigterm_checkpoints_exits_preempted_and_resumes_exactly(prepared, reference, tmp_path):
+    out = tmp_path / "run"
+    # The process sends itself SIGTERM after step 3 (as a scheduler would); 3 is not a checkpoint step.
+    result = train_cli(prepared, out, DITLAB_FAULT="step@3:sigterm")
+    assert result.returncode == PREEMPTED_EXIT, result.stderr[-2000:]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("ditlab.train: preempted by SIGTERM at step 3; checkpoint ")
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 3
+    assert json.loads((out / "metrics.json").read_text())["status"] == "stopped: Preempted"
+    train_in_process(compose(prepared, out, steps=STEPS))
+    assert_same_state(out / "checkpoints" / "last.ckpt", reference / "checkpoints" / "last.ckpt")
+    # the resumed run appended to the same CSV log, and its rows reach the last step
+    rows = (out / "csv" / "run" / "metrics.csv").read_text().splitlines()
+    steps = [int(r.split(",")[rows[0].split(",").index("step")]) for r in rows[1:]]
+    assert min(steps) == 0 and max(steps) == STEPS - 1
+
+
+def test_sigusr1_in_process_stops_at_the_step_boundary(prepared, reference, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setenv("DITLAB_FAULT", "step@5:sigusr1")
+    with pytest.raises(Preempted, match="preempted by SIGUSR1 at step 5"):
+        train_in_process(compose(prepared, out, steps=STEPS))
+    monkeypatch.delenv("DITLAB_FAULT")
+    train_in_process(compose(prepared, out, steps=STEPS))
+    assert_same_state(out / "checkpoints" / "last.ckpt", reference / "checkpoints" / "last.ckpt")
+
+
+def test_slurm_launcher_signals_before_the_limit_and_experiments_resume():
+    from hydra import compose, initialize_config_dir
+
+    from helpers import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", ["hydra/launcher=slurm"], return_hydra_config=True)
+        launcher = cfg.hydra.launcher
+        assert launcher.signal_delay_s >= 120 and launcher.max_num_timeout > 0
+        assert launcher.additional_parameters.requeue is True
+        assert "SIGUSR2" in cfg.callbacks.preemption.signals  # submitit's signal: checkpoint first
+        for experiment in ("smoke", "fmnist_cpu", "imagenet256_dit_b4", "imagenet256_dit_xl2"):
+            assert compose("train", [f"experiment={experiment}"]).ckpt_path == "last", experiment

@@ -48,7 +48,7 @@ def test_optuna_sweep_over_two_ddp_ranks_is_one_sweep_that_returns_the_objective
         assert summary["objective"]["name"] == "train/loss"
         assert summary["objective"]["value"] == summary["metrics"]["train/loss"]
         values.append(summary["objective"]["value"])
-        hparams = yaml.safe_load((job / "csv" / "version_0" / "hparams.yaml").read_text())
+        hparams = yaml.safe_load((job / "csv" / "run" / "hparams.yaml").read_text())
         assert hparams["optim"]["optimizer"]["lr"] == float(lr.split("=")[1])
         assert (job / "train.log").is_file() and (job / "train_ddp_process_1.log").is_file()  # every rank's log
     best = yaml.safe_load((sweeps[0] / "optimization_results.yaml").read_text())

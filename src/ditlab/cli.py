@@ -75,7 +75,22 @@ def remove_fresh_run_dir() -> None:
             parent.rmdir()
 
 
-def composition_error(text: str) -> str:
+def _unparsable(overrides: list[str]) -> str | None:
+    """The first command-line override Hydra's grammar rejects (its message does not name it)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        if override.startswith("-"):
+            continue  # -m, --cfg, ...
+        try:
+            parser.parse_override(override)
+        except Exception:  # noqa: BLE001 - any parse failure names this override
+            return override
+    return None
+
+
+def composition_error(text: str, overrides: list[str] = ()) -> str:
     """Hydra's multi-line composition report -> one line naming the bad value and what was expected."""
     missing = re.search(r"Could not find '([^']+)/([^']+)'", text)
     if missing:
@@ -90,6 +105,9 @@ def composition_error(text: str) -> str:
     ]
     if not lines:
         return "the command line could not be parsed"
+    bad = _unparsable(list(overrides)) if overrides else None
+    if bad is not None:
+        return f"{bad}: {lines[0]}; expected key=value in Hydra's override grammar"
     key_error = next((line for line in lines if line.startswith("Key '")), None)
     return f"{lines[0]} ({key_error})" if key_error and key_error != lines[0] else lines[0]
 
@@ -119,7 +137,7 @@ def hydra_command(prog: str, config_name: str):
             except SystemExit as stop:
                 if sys.stderr is captured and stop.code not in (0, None):  # Hydra gave up before our task ran
                     sys.stderr = real_stderr.pop("stderr")
-                    fail(prog, composition_error(captured.getvalue()), remove_run_dir=False)
+                    fail(prog, composition_error(captured.getvalue(), sys.argv[1:]), remove_run_dir=False)
                 raise
             finally:
                 if sys.stderr is captured:  # e.g. --help, --cfg: pass Hydra's output on

@@ -132,6 +132,8 @@ def _cases(prepared_key="prepared"):
             lambda i: ["callbacks.sample_grid.cfg_scale=-1"],
             "cfg_scale=-1; expected a number >= 0",
         ),
+        ("unparsable_override", "train", lambda i: ["model.hidden_size=["], "model.hidden_size=[: no viable"),
+        ("unknown_key", "train", lambda i: ["model.hidden=3"], "Could not override 'model.hidden'"),
         (
             "unknown_model_in_process",
             "train",

@@ -91,12 +91,14 @@ class Preemption(Callback):
         dirpath = getattr(trainer.checkpoint_callback, "dirpath", None) or Path(trainer.default_root_dir, "checkpoints")
         path = Path(dirpath) / "last.ckpt"
         trainer.save_checkpoint(path)
-        if trainer.is_global_zero:
-            self._hand_over()
-        raise Preempted(
+        message = (
             f"preempted by {name} at step {trainer.global_step}; checkpoint {path} written; "
             "rerun with ckpt_path=last in the same run dir to continue"
         )
+        if trainer.is_global_zero:
+            log.info(message)  # also in the log: a handler handed over to below (submitit's) may exit right away
+            self._hand_over()
+        raise Preempted(message)
 
     def _hand_over(self) -> None:
         previous = self._before.get(self.received)

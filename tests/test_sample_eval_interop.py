@@ -37,6 +37,7 @@ def trained_run(prepared_with_reference, tmp_path_factory):
                 "callbacks.fid.every_n_steps=0",
                 "callbacks.fid.metrics=[fid,kid]",
                 "callbacks.fid.extractor=clf",
+                "diffusion.fast_sampler.steps=4",  # the FID callback's sampler: DPM-Solver++, 4 steps here
             ],
         )
     )
@@ -107,7 +108,7 @@ def test_fid_during_training_equals_sample_then_evaluate(trained_run, prepared_w
             f"ckpt={out / 'checkpoints' / 'last.ckpt'}",
             "num_samples=12",
             "batch_size=5",
-            "sampler=ddim50",
+            "sampler=dpmpp20",
             "sampler.steps=4",
             "cfg_scale=1.5",
             "seed=0",

@@ -118,8 +118,14 @@ def train(cfg: DictConfig) -> dict:
     """Fit a run from a composed config; returns the final callback metrics."""
     import lightning as L
 
+    from ditlab.training import hardware
     from ditlab.training.sweeps import ddp_children_run_this_job, log_config
 
+    try:
+        trainer_cfg = hardware.select(cfg.trainer)  # trainer=auto: GPUs in bf16-mixed or the CPU in fp32
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    log.info(hardware.describe(trainer_cfg))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     die_with_parent()
@@ -133,7 +139,7 @@ def train(cfg: DictConfig) -> dict:
             check_checkpoint_fits(read_checkpoint(ckpt_path, mmap=True), module, ckpt_path)
         callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
         loggers = [instantiate(c) for c in cfg.logger.values() if c is not None] if cfg.get("logger") else False
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+        trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers)
     except InstantiationException as err:
         raise ConfigError(str(err.__cause__ or err).strip().splitlines()[0]) from err
     except (ValueError, TypeError) as err:

@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
 from ditlab.callbacks.sampling import SamplingCallback
@@ -35,12 +34,14 @@ class SampleGrid(SamplingCallback):
         self.max_classes = max_classes
         self.last_path: Path | None = None
 
-    @rank_zero_only
     @torch.no_grad()
-    def run(self, trainer, pl_module) -> Path:
+    def run(self, trainer, pl_module) -> Path | None:
+        # Every rank gathers the weights (collective under sharding); rank 0 samples and writes.
+        kwargs = self.sample_kwargs(trainer, pl_module)
+        if not trainer.is_global_zero:
+            return None
         dm = trainer.datamodule
         labels = torch.arange(min(dm.num_classes, self.max_classes)).repeat_interleave(self.per_class)  # row per class
-        kwargs = self.sample_kwargs(trainer, pl_module)
         images = generate(labels=labels, indices=torch.arange(len(labels)), batch_size=len(labels), **kwargs)
         grid = make_grid((images + 1) / 2, nrow=self.per_class, padding=2, pad_value=1.0)
         self.out_dir.mkdir(parents=True, exist_ok=True)

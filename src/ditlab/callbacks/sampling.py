@@ -58,14 +58,15 @@ class SamplingCallback(Callback):
         return "ema" if self.use_ema else "raw"
 
     def sample_kwargs(self, trainer, pl_module) -> dict:
-        """Everything ``generate`` needs besides labels and sample indices."""
+        """Everything ``generate`` needs besides labels and sample indices. Call it on every rank."""
         from ditlab.models.vae import codec_from_meta
 
         dm = trainer.datamodule
         if self._codec is None:
             self._codec = codec_from_meta(dm.meta, dm.path).to(pl_module.device)
         return dict(
-            net=pl_module.ema.net if self.use_ema else pl_module.net,
+            # Full plain weights on this rank; collective under sharding, so every rank asks.
+            net=pl_module.sampling_net(self.use_ema),
             objective=pl_module.objective,
             sampler=self.sampler,
             latent_shape=dm.latent_shape,

@@ -4,6 +4,11 @@ Explicit about what is averaged: trainable parameters only. Frozen parameters (D
 ``pos_embed``) and buffers are copied, not averaged: averaging a constant is a no-op at best and
 silently wrong if it ever changes (the official DiT averaged pos_embed and ignored buffers).
 The copy is kept in fp32 whatever precision training runs in.
+
+Under sharding (``shard_like``) each averaged tensor is sharded exactly as its weight is, so the
+update is a local foreach op on every rank and the checkpoint (Lightning gathers sharded state)
+holds the full average under the same ``ema.net.*`` keys. ``full_net()`` gives a plain full copy
+for sampling: collective under sharding, so every rank calls it.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import copy
 
 import torch
 import torch.nn as nn
+
+from ditlab.training.parallel import full_state_dict, is_sharded, local, materialize, shard_like
 
 
 class EMA(nn.Module):
@@ -25,6 +32,8 @@ class EMA(nn.Module):
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         # A host-side copy of num_updates: reading the buffer every step would sync with the GPU.
         self._count = 0
+        # Set by shard_like: the plain module on the meta device (in a list: not a submodule, not in the state).
+        self._skeleton: list[nn.Module] = []
 
     def current_decay(self) -> float:
         # With warm-up the average forgets its random start quickly: min(decay, (1 + n) / (10 + n)).
@@ -34,20 +43,44 @@ class EMA(nn.Module):
         return min(self.decay, (1 + n) / (10 + n))
 
     @torch.no_grad()
+    def shard_like(self, net: nn.Module) -> None:
+        """Shard every averaged tensor as ``net``'s (an FSDP2-sharded network with the same names)."""
+        self._skeleton = [copy.deepcopy(self.net).to("meta")]
+        for (name, p), (ema_name, ema_p) in zip(net.named_parameters(), list(self.net.named_parameters())):
+            assert name == ema_name
+            if is_sharded(p):
+                owner, _, attr = ema_name.rpartition(".")
+                module = self.net.get_submodule(owner)
+                setattr(module, attr, nn.Parameter(shard_like(ema_p.detach(), p), requires_grad=False))
+
+    def full_net(self) -> nn.Module:
+        """The averaged network as a plain module with full weights (collective when sharded)."""
+        return self.materialize(self.net)
+
+    def materialize(self, net: nn.Module) -> nn.Module:
+        """``net`` (the EMA's or the training network: same names) as a plain module with full
+        weights; collective when sharded, ``net`` itself when not."""
+        if not self._skeleton:
+            return net
+        return materialize(self._skeleton[0], full_state_dict(net)).eval()
+
+    @torch.no_grad()
     def update(self, net: nn.Module) -> None:
         decay = self.current_decay()
         ema_params, params = [], []
         for (name, p), (ema_name, ema_p) in zip(net.named_parameters(), self.net.named_parameters()):
             assert name == ema_name
-            if p.requires_grad:
+            trainable = p.requires_grad
+            p, ema_p = local(p.detach()), local(ema_p)  # this rank's shards when sharded
+            if trainable:
                 ema_params.append(ema_p)
-                params.append(p.detach().to(ema_p.dtype))
+                params.append(p.to(ema_p.dtype))
             else:
                 ema_p.copy_(p)
         if ema_params:
             torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # ema += (1 - decay) * (p - ema)
         for b, ema_b in zip(net.buffers(), self.net.buffers()):
-            ema_b.copy_(b)
+            local(ema_b).copy_(local(b))
         self.num_updates += 1
         self._count += 1
 

@@ -8,6 +8,7 @@ resumed run continues the very same random streams (EDM2's practice) and no two 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -16,6 +17,8 @@ from lightning import LightningModule
 from ditlab.seeding import stream_generator, stream_seed
 from ditlab.training.ema import EMA
 from ditlab.training.nonfinite import NonFiniteSteps
+from ditlab.training.parallel import checkpointed_blocks, is_sharded, parallelize
+from ditlab.training.steps import logs_this_step
 
 
 class DiTModule(LightningModule):
@@ -25,9 +28,14 @@ class DiTModule(LightningModule):
     optimizer: factory ``params -> Optimizer`` (Hydra ``_partial_``).
     scheduler: optional factory ``optimizer -> LRScheduler``, stepped every optimizer step.
     ema_decay / ema_warmup: the EMA of the weights (kept in fp32, in the checkpoint).
-    compile: apply ``torch.compile`` to the network from outside (``configure_model``).
+    compile: ``torch.compile`` each DiT block (``configure_model``); None: on when training on a GPU.
+    activation_checkpointing: recompute activations in backward: 0 off, 1 every block, k every k-th.
     seed: base of the per-step seeds.
     max_nonfinite_steps: stop after this many non-finite steps in a row (each one is skipped).
+
+    Parallelism is applied from outside in ``configure_model`` (``training.parallel.parallelize``):
+    with ``trainer=fsdp`` the blocks and the root are sharded (FSDP2) and the EMA is sharded like
+    them; everything that samples asks ``sampling_net()`` on every rank for a full plain copy.
     """
 
     def __init__(
@@ -38,7 +46,8 @@ class DiTModule(LightningModule):
         scheduler: Callable | None = None,
         ema_decay: float = 0.9999,
         ema_warmup: bool = False,
-        compile: bool = False,
+        compile: bool | None = None,
+        activation_checkpointing: int = 0,
         seed: int = 0,
         max_nonfinite_steps: int = 10,
     ):
@@ -49,20 +58,44 @@ class DiTModule(LightningModule):
         self.scheduler_factory = scheduler
         self.ema = EMA(net, ema_decay, ema_warmup)
         self.compile = compile
+        checkpointed_blocks(len(net.blocks), activation_checkpointing)  # a bad value fails here, before training
+        self.activation_checkpointing = activation_checkpointing
         self.seed = seed
         self.config_yaml: str | None = None  # the resolved run config, stored in every checkpoint
-        self._forward = net
         self.nonfinite = NonFiniteSteps(max_nonfinite_steps)
         self._loss: torch.Tensor | None = None
+        self._parallelized = False
 
     # ------------------------------------------------------------ set-up from outside the model
     def configure_model(self) -> None:
-        if self.compile and self._forward is self.net:
-            self._forward = torch.compile(self.net)
+        if self._parallelized:  # Lightning calls this hook again on every fit/validate
+            return
+        self._parallelized = True
+        trainer = self._trainer
+        on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
+        bf16 = trainer is not None and str(trainer.precision).startswith("bf16")
+        parallelize(
+            self.net,
+            mesh,
+            activation_checkpointing=self.activation_checkpointing,
+            compile=on_gpu if self.compile is None else self.compile,
+            param_dtype=torch.bfloat16 if bf16 and mesh is not None else None,
+        )
+        if mesh is not None:
+            self.ema.shard_like(self.net)
+
+    def sampling_net(self, use_ema: bool = True) -> torch.nn.Module:
+        """The network to sample from, plain and full on this rank. Collective under sharding:
+        every rank calls it (a rank-zero-only forward through sharded modules would hang)."""
+        return self.ema.full_net() if use_ema else self.ema.materialize(self.net)
 
     def configure_optimizers(self):
         params = [p for p in self.net.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
+        extra = {}
+        if self.device.type == "cuda" and "fused" in inspect.signature(self.optimizer_factory).parameters:
+            extra = {"fused": getattr(self.optimizer_factory, "keywords", {}).get("fused") is not False}
+        optimizer = self.optimizer_factory(params, **extra)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
@@ -81,25 +114,37 @@ class DiTModule(LightningModule):
         )
         # Label dropout draws inside the model (torch.rand): give it its own stream through the global RNG.
         torch.manual_seed(stream_seed(self.seed, "label_dropout", *at))
-        terms = self.objective.training_losses(self._forward, latents, t, {"y": labels}, noise=noise)
+        terms = self.objective.training_losses(self.net, latents, t, {"y": labels}, noise=noise)
         loss = terms["loss"].mean()
-        # sync_dist: the logged value is the mean over ranks, not rank 0's (fast-DiT logged rank 0's).
-        for name, value in terms.items():
-            self.log(
-                f"train/{name}", value.mean(), on_step=True, on_epoch=False, sync_dist=True, prog_bar=name == "loss"
-            )
+        # Only on the steps the loggers write (every trainer.log_every_n_steps): logging reduces over
+        # ranks and syncs with the host, which the other steps must not pay for. sync_dist: the
+        # logged value is the mean over ranks, not rank 0's (fast-DiT logged rank 0's).
+        if logs_this_step(self.trainer):
+            for name, value in terms.items():
+                self.log(
+                    f"train/{name}", value.mean(), on_step=True, on_epoch=False, sync_dist=True, prog_bar=name == "loss"
+                )
         self._loss = loss.detach()
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else None
-        if norm is not None:
-            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
-        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+        # The gradient norm only when it is logged, or when the non-finite guard needs it (that
+        # guard syncs with the host every step by design; module.max_nonfinite_steps=0 turns it off).
+        logging = logs_this_step(self.trainer)
+        norm = None
+        if logging or self.nonfinite.max_consecutive > 0:
+            grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else None
+            if norm is not None and is_sharded(norm):  # sharded gradients: the shards' norms make the full norm
+                norm = norm.full_tensor()
         if self.nonfinite.check(self._loss, norm):  # skip: drop every gradient, the optimizer updates nothing
             optimizer.zero_grad(set_to_none=True)
-        self.log("train/skipped_steps", float(self.nonfinite.skipped + self.nonfinite.skip_this_step), on_step=True)
+        if logging:
+            if norm is not None:
+                self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+            self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+            skipped = float(self.nonfinite.skipped + self.nonfinite.skip_this_step)
+            self.log("train/skipped_steps", skipped, on_step=True, on_epoch=False)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
@@ -118,8 +163,15 @@ class DiTModule(LightningModule):
         noise = torch.randn(
             latents.shape, device=device, generator=stream_generator(device, self.seed, "val_diffusion_noise", *at)
         )
-        terms = self.objective.training_losses(self.ema.net, latents, t, {"y": labels}, noise=noise)
+        terms = self.objective.training_losses(self._val_net[0], latents, t, {"y": labels}, noise=noise)
         self.log("val/loss_ema", terms["loss"].mean(), on_epoch=True, sync_dist=True)
+
+    def on_validation_start(self) -> None:
+        # Gathered once per validation, on every rank; in a list so that it is not a submodule.
+        self._val_net = [self.sampling_net(use_ema=True)]
+
+    def on_validation_end(self) -> None:
+        self._val_net = []
 
     # ------------------------------------------------------------ checkpoint extras
     def on_save_checkpoint(self, checkpoint: dict) -> None:

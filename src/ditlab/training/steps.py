@@ -8,3 +8,9 @@ def at_optimizer_step(trainer, every_n_steps: int) -> bool:
     (with gradient accumulation: only on the micro-batch that completes the step)."""
     step = trainer.global_step
     return every_n_steps > 0 and step > 0 and step % every_n_steps == 0 and not trainer.fit_loop._should_accumulate()
+
+
+def logs_this_step(trainer) -> bool:
+    """True on the steps whose logged values the loggers write (every ``log_every_n_steps``):
+    Lightning's own rule, asked before the step runs, the same on every rank and micro-batch."""
+    return trainer._logger_connector.should_update_logs

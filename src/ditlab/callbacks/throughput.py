@@ -6,6 +6,8 @@ import time
 
 from lightning import Callback
 
+from ditlab.training.steps import logs_this_step
+
 
 class Throughput(Callback):
     def __init__(self, window_steps: int = 20):
@@ -13,6 +15,7 @@ class Throughput(Callback):
         self.images_seen = 0
         self._window_start: float | None = None
         self._window_images = 0
+        self._rate: float | None = None  # img/s of the last complete window
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._window_start is None:
@@ -22,11 +25,16 @@ class Throughput(Callback):
         n = batch[0].shape[0] * trainer.world_size  # global images in this micro-batch
         self.images_seen += n
         self._window_images += n
-        pl_module.log("train/images_seen", float(self.images_seen), on_step=True, on_epoch=False)
         if (batch_idx + 1) % self.window_steps == 0:
             elapsed = time.perf_counter() - self._window_start
-            pl_module.log("train/img_per_s", self._window_images / elapsed, on_step=True, on_epoch=False, prog_bar=True)
+            self._rate = self._window_images / elapsed
             self._window_start, self._window_images = time.perf_counter(), 0
+        # Logged only on the steps the loggers write: a logged number is copied to the device, and
+        # that copy waits for the queued GPU work (a host sync the other steps must not pay).
+        if logs_this_step(trainer):
+            pl_module.log("train/images_seen", float(self.images_seen), on_step=True, on_epoch=False)
+            if self._rate is not None:
+                pl_module.log("train/img_per_s", self._rate, on_step=True, on_epoch=False, prog_bar=True)
 
     def state_dict(self):
         return {"images_seen": self.images_seen}

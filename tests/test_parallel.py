@@ -92,10 +92,12 @@ def prepared_clf(tmp_path_factory):
 
 
 def run_two(prepared, root, run_name, strategy, steps, extra=()):
+    # Activation checkpointing differs too (every block sharded, every other block under DDP): the
+    # weights must agree all the same.
     strategy_args = (
-        ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.precision=32-true"]
+        ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.precision=32-true", "module.activation_checkpointing=1"]
         if strategy == "fsdp"
-        else ["trainer.strategy=ddp"]
+        else ["trainer.strategy=ddp", "module.activation_checkpointing=2"]
     )
     args = tiny_overrides(
         prepared,

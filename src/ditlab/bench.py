@@ -181,65 +181,9 @@ def bench_data(args) -> None:
 
 # ------------------------------------------------------------------------------------------ train step
 def bench_train(args) -> None:
-    from ditlab.diffusion import create_diffusion
-    from ditlab.training.ema import EMA
+    from ditlab.bench_train import run
 
-    device = torch.device(args.device)
-    diffusion = create_diffusion()
-
-    def make():
-        torch.manual_seed(0)
-        return _bench_dit(args).to(device)
-
-    x = torch.randn(args.batch, 4, args.size, args.size, device=device)
-    y = torch.randint(0, 10, (args.batch,), device=device)
-
-    def timed(step, net) -> float:
-        times = []
-        for i in range(args.warmup + args.steps):
-            start = time.perf_counter()
-            step(net)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= args.warmup:
-                times.append(time.perf_counter() - start)
-        return args.batch / statistics.median(times)
-
-    # Plain reference: eps-MSE only, AdamW, no EMA (the bare minimum of a DiT step).
-    ref_net = make()
-    ref_opt = torch.optim.AdamW(ref_net.parameters(), lr=1e-4, weight_decay=0)
-
-    def plain_step(net):
-        t = torch.randint(0, 1000, (args.batch,), device=device)
-        noise = torch.randn_like(x)
-        xt = diffusion.q_sample(x, t, noise)
-        loss = ((net(xt, t, y)[:, :4] - noise) ** 2).mean()
-        ref_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        ref_opt.step()
-
-    net = make()
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4, weight_decay=0)
-    ema = EMA(net)
-
-    def ditlab_step(net):
-        t = diffusion.sample_t(args.batch, device)
-        loss = diffusion.training_losses(net, x, t, {"y": y})["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        ema.update(net)
-
-    ref = timed(plain_step, ref_net)
-    ours = timed(ditlab_step, net)
-    n_params = sum(p.numel() for p in net.parameters()) / 1e6
-    print(
-        f"# train step: DiT hidden {args.hidden} depth {args.depth} ({n_params:.1f}M), {args.size}x{args.size}x4, "
-        f"batch {args.batch}, median of {args.steps}; {hardware()}"
-    )
-    print(
-        f"plain eps-MSE step: {ref:,.1f} img/s; ditlab step (hybrid loss + EMA): {ours:,.1f} img/s ({ours / ref:.2f}x)"
-    )
+    run(args)
 
 
 def main(argv=None) -> None:
@@ -258,14 +202,16 @@ def main(argv=None) -> None:
     d.add_argument("--batch", type=int, default=256)
     d.add_argument("--workers", type=int, default=2)
     d.add_argument("--epochs", type=int, default=3)
-    t = sub.add_parser("train", help="img/s of the training step against a plain reference")
-    t.add_argument("--batch", type=int, default=128)
-    t.add_argument("--size", type=int, default=8)
-    t.add_argument("--hidden", type=int, default=256)
-    t.add_argument("--depth", type=int, default=6)
+    t = sub.add_parser("train", help="img/s, ratio, MFU, memory: the official DiT step vs ditlab's DiTModule")
+    t.add_argument("--models", type=lambda v: v.split(","), default=["dit_s2", "dit_b4", "dit_xl2"])
+    t.add_argument("--batches", type=lambda v: [int(b) for b in v.split(",")], default=[32, 128])
+    t.add_argument("--size", type=int, default=32, help="latent size (32: 256x256 images)")
+    t.add_argument("--trainer", default="auto", help="the trainer config group (auto|cpu|gpu|ddp|fsdp)")
+    t.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="module.compile (auto: on GPUs)")
+    t.add_argument("--ac", type=int, default=0, help="module.activation_checkpointing (0 off, k every k-th block)")
+    t.add_argument("--override", nargs="*", default=[], help="further ditlab.train overrides")
     t.add_argument("--steps", type=int, default=10)
     t.add_argument("--warmup", type=int, default=3)
-    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     {"sampling": bench_sampling, "data": bench_data, "train": bench_train}[args.what](args)
 

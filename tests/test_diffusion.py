@@ -263,7 +263,8 @@ def test_benchmarks_run_on_tiny_sizes(capsys):
     from ditlab.bench import main
 
     main(["data", "--count", "300", "--size", "8", "--batch", "64", "--workers", "0", "--epochs", "1"])
-    main(["train", "--batch", "4", "--hidden", "32", "--depth", "1", "--steps", "1", "--warmup", "0"])
+    main(["train", "--models", "dit_s8", "--batches", "2", "--size", "8", "--steps", "1", "--warmup", "0"])
     main(["sampling", "--batch", "2", "--size", "4", "--hidden", "32", "--depth", "1"])
     out = capsys.readouterr().out
     assert "samples/s" in out and "img/s" in out and "dpmpp_2m" in out
+    assert "| DiT-S/8 | 2 | official fp32+TF32 |" in out and "| DiT-S/8 | 2 | ditlab |" in out

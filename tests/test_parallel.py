@@ -61,6 +61,20 @@ def test_compiled_blocks_equal_eager():
     torch.testing.assert_close(out, eager(x, t, y), rtol=1e-4, atol=1e-5)
 
 
+def test_bench_official_loss_is_ditlabs_hybrid_loss():
+    """The benchmark's plain official step computes the same IDDPM hybrid loss as ditlab's objective."""
+    from ditlab.bench_train import OfficialLoss
+    from ditlab.diffusion import create_diffusion
+
+    def model(x, t, y):  # any smooth function with a learned-variance output (N, 2C, H, W)
+        return torch.cat([0.3 * x + 0.01 * t.float().view(-1, 1, 1, 1) / 1000, torch.tanh(x)], dim=1)
+
+    x0 = torch.rand(5, 3, 4, 4) * 2 - 1
+    t, noise = torch.tensor([0, 1, 250, 600, 999]), torch.randn(5, 3, 4, 4)
+    ours = create_diffusion(learn_sigma=True).training_losses(model, x0, t, {"y": None}, noise=noise)["loss"]
+    torch.testing.assert_close(OfficialLoss()(model, x0, t, None, noise), ours, rtol=1e-4, atol=1e-5)
+
+
 def test_default_trainer_picks_the_cpu_here_and_refuses_more_devices_than_exist(tmp_path):
     from ditlab.training import hardware
     from helpers import compose_cfg as compose

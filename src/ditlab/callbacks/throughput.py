@@ -6,7 +6,7 @@ import time
 
 from lightning import Callback
 
-from ditlab.training.steps import logs_this_step
+from ditlab.training.steps import logs_this_step, on_progress_bar
 
 
 class Throughput(Callback):
@@ -34,7 +34,8 @@ class Throughput(Callback):
         if logs_this_step(trainer):
             pl_module.log("train/images_seen", float(self.images_seen), on_step=True, on_epoch=False)
             if self._rate is not None:
-                pl_module.log("train/img_per_s", self._rate, on_step=True, on_epoch=False, prog_bar=True)
+                bar = on_progress_bar(pl_module)
+                pl_module.log("train/img_per_s", self._rate, on_step=True, on_epoch=False, prog_bar=bar)
 
     def state_dict(self):
         return {"images_seen": self.images_seen}

@@ -18,7 +18,7 @@ from ditlab.seeding import stream_generator, stream_seed
 from ditlab.training.ema import EMA
 from ditlab.training.nonfinite import NonFiniteSteps
 from ditlab.training.parallel import checkpointed_blocks, is_sharded, parallelize
-from ditlab.training.steps import logs_this_step
+from ditlab.training.steps import logs_this_step, on_progress_bar
 
 
 class DiTModule(LightningModule):
@@ -120,9 +120,15 @@ class DiTModule(LightningModule):
         # ranks and syncs with the host, which the other steps must not pay for. sync_dist: the
         # logged value is the mean over ranks, not rank 0's (fast-DiT logged rank 0's).
         if logs_this_step(self.trainer):
+            bar = on_progress_bar(self)
             for name, value in terms.items():
                 self.log(
-                    f"train/{name}", value.mean(), on_step=True, on_epoch=False, sync_dist=True, prog_bar=name == "loss"
+                    f"train/{name}",
+                    value.mean(),
+                    on_step=True,
+                    on_epoch=False,
+                    sync_dist=True,
+                    prog_bar=bar and name == "loss",
                 )
         self._loss = loss.detach()
         return loss

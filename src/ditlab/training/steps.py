@@ -14,3 +14,10 @@ def logs_this_step(trainer) -> bool:
     """True on the steps whose logged values the loggers write (every ``log_every_n_steps``):
     Lightning's own rule, asked before the step runs, the same on every rank and micro-batch."""
     return trainer._logger_connector.should_update_logs
+
+
+def on_progress_bar(pl_module) -> bool:
+    """Whether a logged value may also go to the progress bar. Lightning reads every progress-bar
+    value with ``.item()`` after every batch, logged this step or not: on a GPU that is a host sync
+    per step, so there the values go to the loggers only."""
+    return pl_module.device.type != "cuda"

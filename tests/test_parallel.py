@@ -4,6 +4,7 @@ the hardware the default trainer picks, and the logging cadence."""
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -94,7 +95,10 @@ def test_default_trainer_picks_the_cpu_here_and_refuses_more_devices_than_exist(
     with pytest.raises(ValueError, match=r"trainer.devices=100000 but this machine has \d+ "):
         hardware.select(too_many)
     gpu = compose_cfg("train", ["trainer=ddp"]).trainer  # 8 GPUs asked for explicitly
-    if torch.cuda.device_count() < 8:
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="accelerator=gpu but this machine has no GPU; expected trainer=auto"):
+            hardware.select(gpu)
+    elif torch.cuda.device_count() < 8:
         with pytest.raises(ValueError, match=r"trainer.devices=8 but this machine has \d+ GPUs"):
             hardware.select(gpu)
 
@@ -194,3 +198,17 @@ def test_sharded_run_trains_samples_resumes_equals_ddp_and_loads_in_sample(prepa
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "samples_2x8x8x3.npz").is_file()
     assert OmegaConf.create(a["ditlab"]["config_yaml"]).trainer.strategy._target_.endswith("FSDP2Strategy")
+
+
+def test_more_devices_than_exist_is_one_line_and_writes_nothing(tmp_path):
+    args = ["experiment=smoke", "trainer.devices=100000", f"paths.root_dir={tmp_path}", "prepare_if_missing=false"]
+    result = subprocess.run(
+        [sys.executable, "-m", "ditlab.train", *args], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert re.fullmatch(
+        r"ditlab\.train: error: trainer\.devices=100000 but this machine has \d+ "
+        r"(GPUs|CPU cores \(one process each\)); expected at most \d+",
+        result.stderr.strip().splitlines()[-1],
+    )
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs" / "train").iterdir())

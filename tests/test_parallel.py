@@ -198,6 +198,16 @@ def test_sharded_run_trains_samples_resumes_equals_ddp_and_loads_in_sample(prepa
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "samples_2x8x8x3.npz").is_file()
     assert OmegaConf.create(a["ditlab"]["config_yaml"]).trainer.strategy._target_.endswith("FSDP2Strategy")
+    # ... and exports to diffusers with the full EMA weights
+    from ditlab.interop.diffusers_dit import export_checkpoint, from_diffusers
+
+    exported = export_checkpoint(sharded / "checkpoints" / "last.ckpt", tmp_path / "diffusers")
+    from diffusers import DiTTransformer2DModel
+
+    back = from_diffusers(DiTTransformer2DModel.from_pretrained(exported)).state_dict()
+    ema = {k.removeprefix("ema.net."): v for k, v in a["state_dict"].items() if k.startswith("ema.net.")}
+    for key in ema:
+        torch.testing.assert_close(back[key], ema[key], msg=key)
 
 
 def test_more_devices_than_exist_is_one_line_and_writes_nothing(tmp_path):

@@ -176,6 +176,13 @@ def test_sharded_run_trains_samples_resumes_equals_ddp_and_loads_in_sample(prepa
     assert per_rank[0][1] != per_rank[1][1]  # the ranks saw different batches: the mean is not rank 0's
     for step, value in logged.items():
         assert value == pytest.approx((per_rank[0][step] + per_rank[1][step]) / 2, rel=1e-5)
+    # the sharded run logs the same loss and the same (full, gathered) gradient norm
+    sharded_rows = list(csv.DictReader(open(sharded / "csv" / "version_0" / "metrics.csv")))
+    first = next(r for r in sharded_rows if r.get("train/grad_norm"))
+    assert int(first["step"]) == 1
+    ddp_first = next(r for r in rows if r.get("train/grad_norm"))
+    for key in ("train/loss", "train/grad_norm"):
+        assert float(first[key]) == pytest.approx(float(ddp_first[key]), rel=1e-4), key
 
     # the sharded run's checkpoint samples on one device with ditlab.sample
     out = tmp_path / "sampled"

@@ -212,6 +212,7 @@ def main(argv=None) -> None:
     t.add_argument("--override", nargs="*", default=[], help="further ditlab.train overrides")
     t.add_argument("--steps", type=int, default=10)
     t.add_argument("--warmup", type=int, default=3)
+    t.add_argument("--repeats", type=int, default=1, help="interleaved official/ditlab repeats (medians)")
     args = parser.parse_args(argv)
     {"sampling": bench_sampling, "data": bench_data, "train": bench_train}[args.what](args)
 

@@ -352,7 +352,10 @@ def run(args) -> None:
     device = torch.device("cuda" if picked.accelerator in ("gpu", "cuda") else "cpu")
     bf16 = str(picked.precision).startswith("bf16")
     dtype = torch.bfloat16 if bf16 else torch.float32
-    print(f"# train step, {args.size}x{args.size}x4 latents, median of {args.steps} steps after {args.warmup}")
+    print(
+        f"# train step, {args.size}x{args.size}x4 latents, median of {args.steps} steps after {args.warmup}, "
+        f"median of {args.repeats} interleaved repeat(s)"
+    )
     print(f"# {machine()}")
     print(
         f"# ditlab: {hardware.describe(picked)}, compile {args.compile}, activation checkpointing {args.ac}; "
@@ -365,21 +368,29 @@ def run(args) -> None:
         flops = 2 * forward_macs(build_dit(spec, input_size=args.size, num_classes=1000, in_channels=4))
         for batch in args.batches:
             args.batch = batch
-            rate = matmul_rate(device, dtype)  # again each time: a shared machine's rate drifts
+            rates, results = [], {"official fp32+TF32": [], "ditlab": []}
+            # official, ditlab, official, ditlab, ...: on a shared machine the load drifts; the
+            # medians of interleaved repeats compare the two at the same loads
+            for _ in range(args.repeats):
+                rates.append(matmul_rate(device, dtype))
+                for name, fn, fn_args in (
+                    ("official fp32+TF32", official_step_rate, (model_name, args, device)),
+                    ("ditlab", lambda *a: ditlab_step_rate(*a)[0], (model_name, args, overrides, device)),
+                ):
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats()
+                    try:
+                        img_s = fn(*fn_args)
+                        mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else "-"
+                    except torch.OutOfMemoryError:
+                        img_s, mem = None, "out of memory"
+                    results[name].append((img_s, mem))
+            rate = statistics.median(rates)
             rows = []
-            for name, fn, fn_args in (
-                ("official fp32+TF32", official_step_rate, (model_name, args, device)),
-                ("ditlab", lambda *a: ditlab_step_rate(*a)[0], (model_name, args, overrides, device)),
-            ):
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                try:
-                    img_s = fn(*fn_args)
-                    mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else "-"
-                except torch.OutOfMemoryError:
-                    img_s, mem = None, "out of memory"
-                rows.append((name, img_s, mem))
+            for name, runs in results.items():
+                ok = [r for r, _ in runs if r is not None]
+                rows.append((name, statistics.median(ok) if ok else None, runs[-1][1]))
             ref = rows[0][1]
             for name, img_s, mem in rows:
                 if img_s is None:

@@ -229,3 +229,16 @@ def test_more_devices_than_exist_is_one_line_and_writes_nothing(tmp_path):
         result.stderr.strip().splitlines()[-1],
     )
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs" / "train").iterdir())
+
+
+def test_sampling_copies_are_plain_eval_modules_without_copying_unsharded_weights():
+    from ditlab.training.ema import EMA
+
+    net = tiny_dit().train()
+    ema = EMA(net)
+    assert ema.full_net() is ema.net and not any("skeleton" in k for k in ema.state_dict())
+    raw = ema.materialize(net)  # the raw weights during training: eval mode (no label dropout), same storage
+    assert not raw.training and net.training
+    assert raw.blocks[0].mlp.fc1.weight.data_ptr() == net.blocks[0].mlp.fc1.weight.data_ptr()
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2])
+    torch.testing.assert_close(raw(x, t, y), net.eval()(x, t, y))

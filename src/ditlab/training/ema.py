@@ -18,7 +18,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from ditlab.training.parallel import full_state_dict, is_sharded, local, materialize, shard_like
+from ditlab.training.parallel import full_state_dict, is_sharded, local, materialize, meta_copy, shard_like
 
 
 class EMA(nn.Module):
@@ -32,8 +32,10 @@ class EMA(nn.Module):
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         # A host-side copy of num_updates: reading the buffer every step would sync with the GPU.
         self._count = 0
-        # Set by shard_like: the plain module on the meta device (in a list: not a submodule, not in the state).
-        self._skeleton: list[nn.Module] = []
+        # The plain module on the meta device, to materialize full copies into (in a list: not a
+        # submodule, not in the state).
+        self._skeleton: list[nn.Module] = [meta_copy(self.net)]
+        self._sharded = False
 
     def current_decay(self) -> float:
         # With warm-up the average forgets its random start quickly: min(decay, (1 + n) / (10 + n)).
@@ -45,7 +47,7 @@ class EMA(nn.Module):
     @torch.no_grad()
     def shard_like(self, net: nn.Module) -> None:
         """Shard every averaged tensor as ``net``'s (an FSDP2-sharded network with the same names)."""
-        self._skeleton = [copy.deepcopy(self.net).to("meta")]
+        self._sharded = True
         for (name, p), (ema_name, ema_p) in zip(net.named_parameters(), list(self.net.named_parameters())):
             assert name == ema_name
             if is_sharded(p):
@@ -55,13 +57,12 @@ class EMA(nn.Module):
 
     def full_net(self) -> nn.Module:
         """The averaged network as a plain module with full weights (collective when sharded)."""
-        return self.materialize(self.net)
+        return self.materialize(self.net) if self._sharded else self.net
 
     def materialize(self, net: nn.Module) -> nn.Module:
-        """``net`` (the EMA's or the training network: same names) as a plain module with full
-        weights; collective when sharded, ``net`` itself when not."""
-        if not self._skeleton:
-            return net
+        """``net`` (the EMA's or the training network: same names) as a plain module in eval mode
+        with full weights: gathered when sharded (collective), else sharing ``net``'s tensors (so
+        sampling from the raw weights during training runs without label dropout)."""
         return materialize(self._skeleton[0], full_state_dict(net)).eval()
 
     @torch.no_grad()

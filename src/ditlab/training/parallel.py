@@ -89,6 +89,18 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.full_tensor() if is_sharded(v) else v for k, v in module.state_dict().items()}
 
 
+def meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` with every tensor on the meta device (no memory), for ``materialize``."""
+    memo = {id(b): torch.empty_like(b, device="meta") for b in module.buffers()}
+    memo.update(
+        {
+            id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in module.parameters()
+        }
+    )
+    return copy.deepcopy(module, memo)
+
+
 def materialize(skeleton: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """A plain copy of ``skeleton`` (a meta-device module) holding ``state`` (full tensors)."""
     net = copy.deepcopy(skeleton)

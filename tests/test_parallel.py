@@ -96,10 +96,10 @@ def test_default_trainer_picks_the_cpu_here_and_refuses_more_devices_than_exist(
         hardware.select(too_many)
     gpu = compose_cfg("train", ["trainer=ddp"]).trainer  # 8 GPUs asked for explicitly
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="accelerator=gpu but this machine has no GPU; expected trainer=auto"):
+        with pytest.raises(ValueError, match="trainer.accelerator=gpu but no CUDA GPU is visible"):
             hardware.select(gpu)
     elif torch.cuda.device_count() < 8:
-        with pytest.raises(ValueError, match=r"trainer.devices=8 but this machine has \d+ GPUs"):
+        with pytest.raises(ValueError, match=r"trainer.devices=8 but this machine has \d+ CUDA GPU"):
             hardware.select(gpu)
 
 
@@ -166,7 +166,7 @@ def test_sharded_run_trains_samples_resumes_equals_ddp_and_loads_in_sample(prepa
     assert a["state_dict"]["ema.num_updates"] == 5
 
     # logging cadence: only every log_every_n_steps=2 steps, and the logged loss is the mean over ranks
-    rows = list(csv.DictReader(open(ddp / "csv" / "version_0" / "metrics.csv")))
+    rows = list(csv.DictReader(open(ddp / "csv" / "run" / "metrics.csv")))
     logged = {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
     grad_norms = {int(r["step"]) for r in rows if r.get("train/grad_norm")}
     assert sorted(logged) == sorted(grad_norms) == [1, 3]
@@ -177,7 +177,7 @@ def test_sharded_run_trains_samples_resumes_equals_ddp_and_loads_in_sample(prepa
     for step, value in logged.items():
         assert value == pytest.approx((per_rank[0][step] + per_rank[1][step]) / 2, rel=1e-5)
     # the sharded run logs the same loss and the same (full, gathered) gradient norm
-    sharded_rows = list(csv.DictReader(open(sharded / "csv" / "version_0" / "metrics.csv")))
+    sharded_rows = list(csv.DictReader(open(sharded / "csv" / "run" / "metrics.csv")))
     first = next(r for r in sharded_rows if r.get("train/grad_norm"))
     assert int(first["step"]) == 1
     ddp_first = next(r for r in rows if r.get("train/grad_norm"))
@@ -225,7 +225,7 @@ def test_more_devices_than_exist_is_one_line_and_writes_nothing(tmp_path):
     assert result.returncode == 2
     assert re.fullmatch(
         r"ditlab\.train: error: trainer\.devices=100000 but this machine has \d+ "
-        r"(GPUs|CPU cores \(one process each\)); expected at most \d+",
+        r"(CUDA GPU\(s\)|CPU cores); expected 1\.\.\d+",
         result.stderr.strip().splitlines()[-1],
     )
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs" / "train").iterdir())

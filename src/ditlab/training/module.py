@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 from lightning import LightningModule
+from torchmetrics.aggregation import MeanMetric
 
 from ditlab.seeding import stream_generator, stream_seed
 from ditlab.training.ema import EMA
@@ -64,6 +65,7 @@ class DiTModule(LightningModule):
         self.config_yaml: str | None = None  # the resolved run config, stored in every checkpoint
         self.nonfinite = NonFiniteSteps(max_nonfinite_steps)
         self._loss: torch.Tensor | None = None
+        self.train_means = torch.nn.ModuleDict()  # logged training values: running means between logs
         self._parallelized = False
 
     # ------------------------------------------------------------ set-up from outside the model
@@ -116,22 +118,25 @@ class DiTModule(LightningModule):
         torch.manual_seed(stream_seed(self.seed, "label_dropout", *at))
         terms = self.objective.training_losses(self.net, latents, t, {"y": labels}, noise=noise)
         loss = terms["loss"].mean()
-        # Only on the steps the loggers write (every trainer.log_every_n_steps): logging reduces over
-        # ranks and syncs with the host, which the other steps must not pay for. sync_dist: the
-        # logged value is the mean over ranks, not rank 0's (fast-DiT logged rank 0's).
-        if logs_this_step(self.trainer):
+        # Every step adds to a running mean on the device (no sync); only on the steps the loggers
+        # write (every trainer.log_every_n_steps, last micro-batch) is it reduced over ranks and read:
+        # the logged value is the mean over all ranks and all steps since the last log, not rank 0's
+        # last batch (fast-DiT logged rank 0's).
+        for name, value in terms.items():
+            self._window_mean(name, device).update(value.detach().mean())
+        if logs_this_step(self.trainer) and not self.trainer.fit_loop._should_accumulate():
             bar = on_progress_bar(self)
-            for name, value in terms.items():
-                self.log(
-                    f"train/{name}",
-                    value.mean(),
-                    on_step=True,
-                    on_epoch=False,
-                    sync_dist=True,
-                    prog_bar=bar and name == "loss",
-                )
+            for name, mean in self.train_means.items():
+                self.log(f"train/{name}", mean.compute(), on_step=True, on_epoch=False, prog_bar=bar and name == "loss")
+                mean.reset()
         self._loss = loss.detach()
         return loss
+
+    def _window_mean(self, name: str, device) -> MeanMetric:
+        if name not in self.train_means:  # the objective decides the terms (loss, mse, vb)
+            # nan_strategy="disable": checking for NaNs would sync with the host every step.
+            self.train_means[name] = MeanMetric(nan_strategy="disable").to(device)
+        return self.train_means[name]
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # The gradient norm only when it is logged, or when the non-finite guard needs it (that

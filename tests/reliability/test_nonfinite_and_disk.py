@@ -21,10 +21,13 @@ def strict_json(path):
     return json.loads(path.read_text(), parse_constant=no_constants)
 
 
-def test_a_nan_batch_is_skipped_without_any_update(prepared, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fused", [False, True], ids=["host-check", "fused-on-device"])
+def test_a_nan_batch_is_skipped_without_any_update(prepared, tmp_path, monkeypatch, fused):
+    """Both paths: the host decision (zero_grad) and the fused optimizer's on-device found_inf skip."""
     out = tmp_path / "run"
     monkeypatch.setenv("DITLAB_FAULT", "batch@3:nan")  # the batch of step 3 (1-based) becomes NaN
-    train_in_process(compose(prepared, out, steps=STEPS, extra=["callbacks.checkpoint.every_n_train_steps=1"]))
+    extra = ["callbacks.checkpoint.every_n_train_steps=1", *(["+optim.optimizer.fused=true"] if fused else [])]
+    train_in_process(compose(prepared, out, steps=STEPS, extra=extra))
     ckpts = out / "checkpoints"
     before, skipped, after = (full_state(ckpts / f"step_{s:07d}.ckpt") for s in (2, 3, 4))
     for key in before:  # weights, EMA, optimizer moments and step counts: all untouched by the NaN step
@@ -38,18 +41,24 @@ def test_a_nan_batch_is_skipped_without_any_update(prepared, tmp_path, monkeypat
     assert summary["skipped_nonfinite_steps"] == 1 and summary["global_step"] == STEPS
 
 
-def test_k_nonfinite_steps_in_a_row_stop_with_one_line(prepared, tmp_path, monkeypatch, capsys):
-    """lr 1e30: step 1 blows the weights up, every later loss is NaN/Inf: stop after 3 skipped steps."""
+@pytest.mark.parametrize("fused", [False, True], ids=["host-check", "fused-on-device"])
+def test_k_nonfinite_steps_in_a_row_stop_with_one_line(prepared, tmp_path, monkeypatch, capsys, fused):
+    """lr 1e30: step 1 blows the weights up, every later loss is NaN/Inf: stop after 3 skipped steps
+    (the fused path reads its on-device streak on logging steps: here every step)."""
     from ditlab.train import main
 
     out = tmp_path / "run"
     extra = ["optim.optimizer.lr=1e30", "module.max_nonfinite_steps=3", f"hydra.run.dir={out}"]
+    extra += ["+optim.optimizer.fused=true"] if fused else []
     monkeypatch.setattr(sys, "argv", ["ditlab.train", *overrides(prepared, tmp_path, STEPS, extra)])
     with pytest.raises(SystemExit) as stop:
         main()
     assert stop.value.code == 3
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith("ditlab.train: error: non-finite loss or gradients in 3 consecutive steps (the last at step")
+    # "by step": the on-device streak, read on a logging step; "at step": the per-step host decision
+    where = "by" if fused else "at"
+    expected = f"ditlab.train: error: non-finite loss or gradients in 3 consecutive steps (the last {where} step"
+    assert line.startswith(expected)
     assert "expected finite values" in line
     summary = strict_json(out / "metrics.json")  # valid JSON: the NaN loss is null
     assert summary["status"] == "stopped: NonFiniteTraining" and summary["metrics"]["train/loss"] is None

@@ -66,7 +66,10 @@ class EMA(nn.Module):
         return materialize(self._skeleton[0], full_state_dict(net)).eval()
 
     @torch.no_grad()
-    def update(self, net: nn.Module) -> None:
+    def update(self, net: nn.Module, keep: torch.Tensor | None = None) -> None:
+        """One EMA step towards ``net``. ``keep``: a 0-dim 0./1. tensor on the device that masks the
+        step without a host sync (0: a skipped non-finite step, nothing changes but the host count
+        behind the warm-up decay)."""
         decay = self.current_decay()
         ema_params, params = [], []
         for (name, p), (ema_name, ema_p) in zip(net.named_parameters(), self.net.named_parameters()):
@@ -78,11 +81,15 @@ class EMA(nn.Module):
                 params.append(p.to(ema_p.dtype))
             else:
                 ema_p.copy_(p)
-        if ema_params:
+        if ema_params and keep is None:
             torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # ema += (1 - decay) * (p - ema)
+        elif ema_params:
+            deltas = torch._foreach_sub(params, ema_params)
+            torch._foreach_mul_(deltas, keep)
+            torch._foreach_add_(ema_params, deltas, alpha=1.0 - decay)  # ema += keep (1 - decay) (p - ema)
         for b, ema_b in zip(net.buffers(), self.net.buffers()):
             local(ema_b).copy_(local(b))
-        self.num_updates += 1
+        self.num_updates += 1 if keep is None else keep.to(self.num_updates.dtype)
         self._count += 1
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

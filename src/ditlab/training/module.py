@@ -17,7 +17,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from ditlab.seeding import stream_generator, stream_seed
 from ditlab.training.ema import EMA
-from ditlab.training.nonfinite import NonFiniteSteps
+from ditlab.training.nonfinite import NonFiniteSteps, skips_on_device
 from ditlab.training.parallel import checkpointed_blocks, is_sharded, parallelize
 from ditlab.training.steps import logs_this_step, on_progress_bar
 
@@ -65,6 +65,8 @@ class DiTModule(LightningModule):
         self.config_yaml: str | None = None  # the resolved run config, stored in every checkpoint
         self.nonfinite = NonFiniteSteps(max_nonfinite_steps)
         self._loss: torch.Tensor | None = None
+        self._keep: torch.Tensor | None = None  # 0-dim 0./1. on the device: was this step's update kept
+        self._logging = False
         self.train_means = torch.nn.ModuleDict()  # logged training values: running means between logs
         self._parallelized = False
 
@@ -148,20 +150,32 @@ class DiTModule(LightningModule):
             norm = torch.nn.utils.get_total_norm(grads) if grads else None
             if norm is not None and is_sharded(norm):  # sharded gradients: the shards' norms make the full norm
                 norm = norm.full_tensor()
-        if self.nonfinite.check(self._loss, norm):  # skip: drop every gradient, the optimizer updates nothing
+        self._keep, self._logging = None, logging
+        torch_optimizer = getattr(optimizer, "_optimizer", optimizer)  # Lightning may hand its wrapper
+        if norm is not None and self.nonfinite.max_consecutive > 0 and skips_on_device(torch_optimizer):
+            # Fused AdamW skips its whole update on the device when found_inf is 1 (GradScaler's
+            # mechanism): no host sync; the EMA step is masked the same way.
+            torch_optimizer.found_inf = self.nonfinite.flag(norm)
+            self._keep = 1.0 - torch_optimizer.found_inf
+        elif self.nonfinite.check(self._loss, norm):  # skip: drop every gradient, the optimizer updates nothing
             optimizer.zero_grad(set_to_none=True)
         if logging:
             if norm is not None:
                 self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
             self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
-            skipped = float(self.nonfinite.skipped + self.nonfinite.skip_this_step)
+            on_device = self.nonfinite.skipped_on_device
+            skipped = float(self.nonfinite.skipped + self.nonfinite.skip_this_step) if on_device is None else on_device
             self.log("train/skipped_steps", skipped, on_step=True, on_epoch=False)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         # Here, not in on_train_batch_end: Lightning runs the checkpoint callback's batch-end hook
         # before the module's, so a checkpoint at step N would hold the EMA after N - 1 updates.
-        if self.nonfinite.end_step(self.global_step):  # a skipped (non-finite) step leaves the EMA alone
+        if self._keep is not None:  # the device path: masked, and the streak read only when logging
+            self.ema.update(self.net, keep=self._keep)
+            if self._logging:
+                self.nonfinite.sync(self.global_step)
+        elif self.nonfinite.end_step(self.global_step):  # a skipped (non-finite) step leaves the EMA alone
             self.ema.update(self.net)
 
     def validation_step(self, batch, batch_idx: int):

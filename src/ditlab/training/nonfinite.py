@@ -8,13 +8,22 @@ advances (the batch was consumed), and so does the LR schedule. After ``max_cons
 steps in a row the run stops with ``NonFiniteTraining``; the checkpoints on disk hold the weights
 from before the streak (skipped steps do not change them).
 
-The decision costs one host sync per optimizer step (a scalar ``isfinite``); ``max_consecutive=0``
-turns the guard off (no check, no sync) for runs that cannot afford it.
+With a fused optimizer (AdamW ``fused=True``, the default on CUDA) nothing leaves the device: the
+non-finite flag goes to the optimizer as ``found_inf`` (its kernel skips the update, as under
+GradScaler), masks the EMA step, and the counters stay on the device until a logging step reads
+them, so a streak stops the run at the first logging step after K skips in a row. With other
+optimizers the decision costs one host sync per optimizer step (a scalar ``isfinite``; free on
+the CPU). ``max_consecutive=0`` turns the guard off (no check, no sync).
 """
 
 from __future__ import annotations
 
 import torch
+
+
+def skips_on_device(optimizer) -> bool:
+    """Whether the optimizer can skip a step on the device from a ``found_inf`` flag (fused Adam/AdamW)."""
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
 
 
 class NonFiniteTraining(RuntimeError):
@@ -29,6 +38,7 @@ class NonFiniteSteps:
         self.skipped = 0  # in the whole run (restored from the checkpoint)
         self.consecutive = 0
         self.skip_this_step = False
+        self._on_device: tuple[torch.Tensor, torch.Tensor] | None = None  # (skipped, consecutive) of the device path
 
     def check(self, loss: torch.Tensor | None, grad_norm: torch.Tensor | None) -> bool:
         """Decide (one host sync) whether this step is skipped; True when it is. A NaN/Inf loss makes
@@ -58,8 +68,42 @@ class NonFiniteSteps:
             )
         return False
 
+    # ---------------------------------------------------------------- the device path (fused optimizers)
+    def flag(self, grad_norm: torch.Tensor) -> torch.Tensor:
+        """0-dim float on the device, 1. when this step's gradient norm is not finite: the fused
+        optimizer's ``found_inf``. The counters are updated on the device; no host sync."""
+        found = (~torch.isfinite(grad_norm.detach().float())).float().reshape(())
+        if self._on_device is None:
+            self._on_device = (
+                torch.tensor(float(self.skipped), device=found.device),
+                torch.tensor(float(self.consecutive), device=found.device),
+            )
+        skipped, consecutive = self._on_device
+        skipped.add_(found)
+        consecutive.add_(found).mul_(found)  # + 1 while skipping, back to 0 on a real update
+        return found
+
+    @property
+    def skipped_on_device(self) -> torch.Tensor | None:
+        return None if self._on_device is None else self._on_device[0]
+
+    def sync(self, step: int) -> None:
+        """Read the device counters (a host sync: logging steps and checkpoints only); raise after K in a row."""
+        if self._on_device is None:
+            return
+        self.skipped, self.consecutive = (int(v.item()) for v in self._on_device)
+        if self.max_consecutive and self.consecutive >= self.max_consecutive:
+            raise NonFiniteTraining(
+                f"non-finite loss or gradients in {self.consecutive} consecutive steps (the last by step {step}, "
+                f"{self.skipped} skipped in all); expected finite values: lower optim.optimizer.lr, "
+                "check the data, or raise module.max_nonfinite_steps"
+            )
+
     def state_dict(self) -> dict:
+        if self._on_device is not None:
+            self.skipped, self.consecutive = (int(v.item()) for v in self._on_device)
         return {"skipped": self.skipped, "consecutive": self.consecutive}
 
     def load_state_dict(self, state: dict) -> None:
         self.skipped, self.consecutive = int(state.get("skipped", 0)), int(state.get("consecutive", 0))
+        self._on_device = None  # re-created from these on the next step

@@ -2,10 +2,12 @@
 and guidance (``ditlab.inference.generate``: sample i's noise depends on i only, so the score does
 not depend on the number of GPUs), split across ranks, featurised, gathered, and scored against
 the reference statistics stored by ``prepare``. Logs ``val/fid`` (Inception) or
-``val/fid_clf`` (the dataset classifier) and, for the classifier, ``val/sample_accuracy_clf``."""
+``val/fid_clf`` (the dataset classifier) and, for the classifier, ``val/sample_accuracy_clf`` and
+the classifier's own accuracy on real validation images, ``val/classifier_accuracy_clf``."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -46,6 +48,7 @@ class FIDCallback(SamplingCallback):
         self.weights_path = weights_path
         self.metrics = tuple(metrics)
         self._reference = self._extractor = None
+        self.classifier_accuracy: float | None = None
         self.enabled = True
         self.last: dict[str, float] = {}
 
@@ -69,6 +72,12 @@ class FIDCallback(SamplingCallback):
         self._reference = ReferenceStats.load(path, self.extractor_kind)
         if self.extractor_kind == "clf" and self.weights_path is None:
             self.weights_path = str(Path(dm.path) / "classifier")
+        if self.extractor_kind == "clf":
+            # The judge's own accuracy on real validation images, logged beside the sample accuracy
+            # (val/classifier_accuracy_clf) so that metrics.json says what "sample accuracy" compares with.
+            info = Path(self.weights_path) / "classifier.json"
+            if info.is_file():
+                self.classifier_accuracy = json.loads(info.read_text()).get("val_accuracy")
 
     def run(self, trainer, pl_module):
         if self.enabled:
@@ -101,6 +110,8 @@ class FIDCallback(SamplingCallback):
         results = compute_metrics(
             local, self._reference, self.metrics, labels=local["labels"] if self.extractor_kind == "clf" else None
         )
+        if self.classifier_accuracy is not None:
+            results["classifier_accuracy_clf"] = float(self.classifier_accuracy)
         results = {f"val/{k}": v for k, v in results.items()}
         results["val/fid_seconds"] = time.time() - start
         # Logged directly (this also runs in on_train_end, where LightningModule.log is not allowed).

@@ -87,6 +87,8 @@ def compute_reference(ref_cfg, sources: dict, out_dir: Path, device) -> Path:
                 num_classes,
                 weights,
                 seconds=ref_cfg.classifier_seconds,
+                max_steps=ref_cfg.get("classifier_steps") or 1_000_000,
+                width=ref_cfg.get("classifier_width") or 16,
                 log=log.info,
                 device=device,
             )

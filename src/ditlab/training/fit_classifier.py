@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -23,13 +24,20 @@ def train_classifier(
     seed: int = 0,
     log=print,
     device="cpu",
+    width: int = 16,
 ) -> tuple[SmallClassifier, dict]:
-    """Train on (image in [-1, 1], label, key) items with flips; report val accuracy; save.
+    """Train on (image in [-1, 1], label, key) items with flips for ``max_steps`` (``seconds`` is a
+    guard), the lr decaying along a cosine to 0 at ``max_steps``; report val accuracy; save.
     Returns the trained model (eval mode, on the CPU) and its info (val accuracy, steps, seconds)."""
     torch.manual_seed(seed)
     channels = train_set[0][0].shape[0]
-    model = SmallClassifier(channels, num_classes).to(device)
+    model = SmallClassifier(channels, num_classes, width=width).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    warmup = min(100, max(1, max_steps // 10))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, max_steps)))),
+    )
     # drop_last with a batch no larger than the data, so that every pass yields batches
     loader = torch.utils.data.DataLoader(
         train_set,
@@ -49,6 +57,7 @@ def train_classifier(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             step += 1
             if step >= max_steps or time.time() - start > seconds:
                 done = True

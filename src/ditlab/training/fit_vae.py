@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -16,7 +17,8 @@ from ditlab.models.vae import PretrainedVAE, small_autoencoder
 
 class SmallVAERecipe:
     """How ``prepare`` trains the small KL autoencoder on the dataset (L1 + kl_weight * KL, AdamW),
-    bounded by ``train_seconds`` and ``max_steps``; ``fit_or_load`` reuses an earlier result."""
+    for ``max_steps`` (``train_seconds`` is only a guard), optionally with a cosine lr decay to 0 at
+    ``max_steps``; ``fit_or_load`` reuses an earlier result."""
 
     kind = "small_kl"
 
@@ -32,6 +34,7 @@ class SmallVAERecipe:
         kl_weight: float = 1e-4,
         seed: int = 0,
         scale_samples: int = 5000,
+        lr_decay: bool = False,
     ):
         self.latent_channels = latent_channels
         self.block_out_channels = tuple(block_out_channels)
@@ -43,6 +46,7 @@ class SmallVAERecipe:
         self.kl_weight = kl_weight
         self.seed = seed
         self.scale_samples = scale_samples
+        self.lr_decay = lr_decay
 
     def fit_or_load(self, dataset, out_dir: str | Path, device: str | torch.device = "cpu", log=print) -> PretrainedVAE:
         out_dir = Path(out_dir)
@@ -71,7 +75,14 @@ class SmallVAERecipe:
             collate_fn=_images_only,
         )
         opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
+        # Warm-up, then (lr_decay) a cosine to 0 at max_steps: the run is sized in steps.
+        total = self.max_steps
+
+        def factor(s: int) -> float:
+            warm = min(1.0, (s + 1) / 100)
+            return warm * (0.5 * (1 + math.cos(math.pi * min(1.0, s / total))) if self.lr_decay else 1.0)
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         start, step, done = time.time(), 0, False
         log(f"training the small VAE for up to {self.train_seconds:.0f} s / {self.max_steps} steps")
         while not done:

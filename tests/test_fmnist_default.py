@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from ditlab.train import train
@@ -34,6 +35,9 @@ def test_default_experiment_composes_with_the_sizes_its_notebook_states(tmp_path
         for part in key.split("."):
             actual = actual[part]
         assert str(actual) == value, f"{key}: config says {actual!r}, notebook says {value!r}"
+    # every callback builds (a sampler option left over from a config merge once broke `make train`)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    assert any(type(cb).__name__ == "FIDCallback" for cb in callbacks)
     # the judge and the final FID are sized as the issue asked: 500+ samples, a step-sized run
     assert cfg.callbacks.fid.num_samples >= 500
     assert cfg.trainer.max_steps > 0 and cfg.vae.codec.max_steps > 0 and cfg.data.reference.classifier_steps > 0

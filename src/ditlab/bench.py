@@ -213,6 +213,12 @@ def main(argv=None) -> None:
     t.add_argument("--steps", type=int, default=10)
     t.add_argument("--warmup", type=int, default=3)
     t.add_argument("--repeats", type=int, default=1, help="interleaved official/ditlab repeats (medians)")
+    t.add_argument(
+        "--official",
+        type=lambda v: {"on": True, "off": False}[v],
+        default=True,
+        help="on|off: also run the official step (off: ditlab rows only, e.g. where the official step cannot fit)",
+    )
     args = parser.parse_args(argv)
     {"sampling": bench_sampling, "data": bench_data, "train": bench_train}[args.what](args)
 

@@ -221,10 +221,10 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def _batches(args, device, count):
-    """``count`` identical host batches (latents (B, 4, S, S), labels (B,)), pinned on CUDA."""
+    """``count`` identical host batches (latents (B, C, S, S), labels (B,)), pinned on CUDA."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 4, args.size, args.size, generator=g)
-    y = torch.randint(0, 1000, (args.batch,), generator=g)
+    x = torch.randn(args.batch, args.spec["in_channels"], args.size, args.size, generator=g)
+    y = torch.randint(0, args.spec["num_classes"], (args.batch,), generator=g)
     if device.type == "cuda":
         x, y = x.pin_memory(), y.pin_memory()
     return [(x, y)] * count
@@ -234,13 +234,19 @@ def official_step_rate(model_name: str, args, device: torch.device) -> float:
     """img/s of the official step: fp32 + TF32, AdamW, per-parameter EMA loop."""
     import copy
 
-    from ditlab.models.dit import DIT_CONFIGS
-
-    spec = DIT_CONFIGS[_paper_name(model_name)]
+    spec = args.spec
     torch.backends.cuda.matmul.allow_tf32 = True  # as the official train.py sets
     torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
-    model = OfficialDiT(args.size, spec["patch_size"], 4, spec["hidden_size"], spec["depth"], spec["num_heads"], 1000)
+    model = OfficialDiT(
+        args.size,
+        spec["patch_size"],
+        spec["in_channels"],
+        spec["hidden_size"],
+        spec["depth"],
+        spec["num_heads"],
+        spec["num_classes"],
+    )
     model = model.to(device).train()
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
@@ -261,27 +267,46 @@ def official_step_rate(model_name: str, args, device: torch.device) -> float:
     return args.batch / statistics.median(times)
 
 
-def _paper_name(model_name: str) -> str:
-    size, patch = model_name.removeprefix("dit_")[:-1].upper(), model_name[-1]
-    return f"DiT-{size}/{patch}"
+def _model_spec(model_name: str, size: int) -> dict:
+    """The composed ``model=<model_name>`` config at latent size ``size``, resolved (any model option,
+    the paper sizes and e.g. ``dit_fmnist`` alike)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", [f"model={model_name}", f"model.input_size={size}", "paths.output_dir=/tmp"])
+    return OmegaConf.to_container(cfg.model, resolve=True)
+
+
+def _label(model_name: str, spec: dict) -> str:
+    """DiT-XL/2 for the paper sizes, else the config name."""
+    from ditlab.models.dit import DIT_CONFIGS
+
+    for name, paper in DIT_CONFIGS.items():
+        if all(spec[k] == v for k, v in paper.items()):
+            return name
+    return model_name
 
 
 class _StepTimer:
-    """Seconds between consecutive optimizer steps (data, transfer, hooks: everything a run pays)."""
+    """Wall time of the optimizer steps after the warm-up (data, transfer, hooks: everything a run
+    pays). The device is synchronized at the two ends only: a sync per step would hide what the host
+    queues ahead of the GPU, which is what small models live on."""
 
-    def __new__(cls, device):
+    def __new__(cls, device, warmup: int, steps: int):
         from lightning import Callback
 
         class StepTimer(Callback):
             def __init__(self):
-                self.times, self._last = [], None
+                self.seconds_per_step, self._start = None, None
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                _sync(device)
-                now = time.perf_counter()
-                if self._last is not None:
-                    self.times.append(now - self._last)
-                self._last = now
+                if batch_idx + 1 == warmup:
+                    _sync(device)
+                    self._start = time.perf_counter()
+                elif batch_idx + 1 == warmup + steps:
+                    _sync(device)
+                    self.seconds_per_step = (time.perf_counter() - self._start) / steps
 
         return StepTimer()
 
@@ -319,7 +344,7 @@ def ditlab_step_rate(model_name: str, args, overrides: list[str], device: torch.
             optimizer=instantiate(cfg.optim.optimizer),
             scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
         )
-        timer = _StepTimer(device)
+        timer = _StepTimer(device, args.warmup, args.steps)
         trainer = instantiate(
             trainer_cfg,
             callbacks=[timer],
@@ -331,13 +356,13 @@ def ditlab_step_rate(model_name: str, args, overrides: list[str], device: torch.
         # batch_size=None: the loader hands over the ready batches as they are (no collation)
         loader = torch.utils.data.DataLoader(_batches(args, device, args.warmup + args.steps + 1), batch_size=None)
         trainer.fit(module, train_dataloaders=loader)
-        times = timer.times[args.warmup :]
-        return args.batch / statistics.median(times), trainer_cfg
+        return args.batch / timer.seconds_per_step, trainer_cfg
 
 
 def run(args) -> None:
+    from hydra.utils import instantiate
+
     from ditlab.bench import hardware as machine
-    from ditlab.models.dit import build_dit
     from ditlab.models.flops import forward_macs
     from ditlab.training import hardware
 
@@ -353,7 +378,9 @@ def run(args) -> None:
     bf16 = str(picked.precision).startswith("bf16")
     dtype = torch.bfloat16 if bf16 else torch.float32
     print(
-        f"# train step, {args.size}x{args.size}x4 latents, median of {args.steps} steps after {args.warmup}, "
+        f"# train step, {args.size}x{args.size} latents; official: median step of {args.steps} after {args.warmup} "
+        f"(synchronized per step, as its loss.item() does); ditlab: mean of {args.steps} steps after {args.warmup} "
+        "(synchronized at both ends); "
         f"median of {args.repeats} interleaved repeat(s)"
     )
     print(f"# {machine()}")
@@ -364,11 +391,14 @@ def run(args) -> None:
     print("| model | batch | config | img/s | vs official | MFU | peak memory | matmul TFLOP/s |")
     print("|---|---|---|---|---|---|---|---|")
     for model_name in args.models:
-        spec = _paper_name(model_name)
-        flops = 2 * forward_macs(build_dit(spec, input_size=args.size, num_classes=1000, in_channels=4))
+        args.spec = _model_spec(model_name, args.size)
+        spec = _label(model_name, args.spec)
+        flops = 2 * forward_macs(instantiate(args.spec))
         for batch in args.batches:
             args.batch = batch
             rates, results = [], {"official fp32+TF32": [], "ditlab": []}
+            if not args.official:
+                del results["official fp32+TF32"]
             # official, ditlab, official, ditlab, ...: on a shared machine the load drifts; the
             # medians of interleaved repeats compare the two at the same loads
             for _ in range(args.repeats):
@@ -377,6 +407,8 @@ def run(args) -> None:
                     ("official fp32+TF32", official_step_rate, (model_name, args, device)),
                     ("ditlab", lambda *a: ditlab_step_rate(*a)[0], (model_name, args, overrides, device)),
                 ):
+                    if name not in results:
+                        continue
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                         torch.cuda.reset_peak_memory_stats()
@@ -391,7 +423,7 @@ def run(args) -> None:
             for name, runs in results.items():
                 ok = [r for r, _ in runs if r is not None]
                 rows.append((name, statistics.median(ok) if ok else None, runs[-1][1]))
-            ref = rows[0][1]
+            ref = rows[0][1] if args.official else None
             for name, img_s, mem in rows:
                 if img_s is None:
                     print(f"| {spec} | {batch} | {name} | out of memory | | | | |")

@@ -258,7 +258,7 @@ def test_tiny_dit_training_loss_falls(objective):
     assert sum(losses[-20:]) / 20 < 0.6 * sum(losses[:20]) / 20
 
 
-def test_benchmarks_run_on_tiny_sizes(capsys):
+def test_benchmarks_run_on_tiny_sizes(capsys, tmp_path):
     """The benchmark commands themselves (not their speed): they must keep working."""
     from ditlab.bench import main
 
@@ -268,3 +268,11 @@ def test_benchmarks_run_on_tiny_sizes(capsys):
     out = capsys.readouterr().out
     assert "samples/s" in out and "img/s" in out and "dpmpp_2m" in out
     assert "| DiT-S/8 | 2 | official fp32+TF32 |" in out and "| DiT-S/8 | 2 | ditlab |" in out
+    # any model config (its own channels and classes), ditlab alone, profiled
+    main(
+        ["train", "--models", "dit_fmnist", "--batches", "2", "--size", "8", "--steps", "1", "--warmup", "1"]
+        + ["--official", "off", "--override", "model.in_channels=1", "--profile", str(tmp_path)]
+    )
+    out = capsys.readouterr().out
+    assert "| dit_fmnist | 2 | ditlab |" in out and "official" not in out.split("|---")[-1]
+    assert (tmp_path / "dit_fmnist_b2_trace.json").stat().st_size > 0

@@ -219,6 +219,11 @@ def main(argv=None) -> None:
         default=True,
         help="on|off: also run the official step (off: ditlab rows only, e.g. where the official step cannot fit)",
     )
+    t.add_argument(
+        "--profile",
+        default=None,
+        help="a directory: profile ditlab's timed steps (torch.profiler), write a Chrome trace there, print top ops",
+    )
     args = parser.parse_args(argv)
     {"sampling": bench_sampling, "data": bench_data, "train": bench_train}[args.what](args)
 

@@ -267,14 +267,17 @@ def official_step_rate(model_name: str, args, device: torch.device) -> float:
     return args.batch / statistics.median(times)
 
 
-def _model_spec(model_name: str, size: int) -> dict:
-    """The composed ``model=<model_name>`` config at latent size ``size``, resolved (any model option,
-    the paper sizes and e.g. ``dit_fmnist`` alike)."""
+def _model_spec(model_name: str, size: int, overrides=()) -> dict:
+    """The composed ``model=<model_name>`` config at latent size ``size`` with the ``model.*`` ones of
+    ``overrides``, resolved (any model option, the paper sizes and e.g. ``dit_fmnist`` alike)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", [f"model={model_name}", f"model.input_size={size}", "paths.output_dir=/tmp"])
+        model_overrides = [o for o in overrides if o.lstrip("+~").startswith("model.")]
+        cfg = compose(
+            "train", [f"model={model_name}", f"model.input_size={size}", *model_overrides, "paths.output_dir=/tmp"]
+        )
     return OmegaConf.to_container(cfg.model, resolve=True)
 
 
@@ -289,26 +292,47 @@ def _label(model_name: str, spec: dict) -> str:
 
 
 class _StepTimer:
-    """Wall time of the optimizer steps after the warm-up (data, transfer, hooks: everything a run
-    pays). The device is synchronized at the two ends only: a sync per step would hide what the host
-    queues ahead of the GPU, which is what small models live on."""
+    """Wall time of the steps after the warm-up, from the start of the first to the end of the last
+    (data, transfer, hooks: everything a run pays). The device is synchronized at the two ends only:
+    a sync per step would hide what the host queues ahead of the GPU, which is what small models
+    live on. With ``profile`` (a path) the timed steps also run under ``torch.profiler``: a Chrome
+    trace there and the top operators printed."""
 
-    def __new__(cls, device, warmup: int, steps: int):
+    def __new__(cls, device, warmup: int, steps: int, profile: str | None = None):
         from lightning import Callback
 
         class StepTimer(Callback):
             def __init__(self):
-                self.seconds_per_step, self._start = None, None
+                self.seconds_per_step, self._start, self._profiler = None, None, None
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if batch_idx == warmup:
+                    _sync(device)
+                    if profile:
+                        activities = [torch.profiler.ProfilerActivity.CPU]
+                        if device.type == "cuda":
+                            activities.append(torch.profiler.ProfilerActivity.CUDA)
+                        self._profiler = torch.profiler.profile(activities=activities)
+                        self._profiler.__enter__()
+                    self._start = time.perf_counter()
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                if batch_idx + 1 == warmup:
-                    _sync(device)
-                    self._start = time.perf_counter()
-                elif batch_idx + 1 == warmup + steps:
+                if batch_idx + 1 == warmup + steps:
                     _sync(device)
                     self.seconds_per_step = (time.perf_counter() - self._start) / steps
+                    if self._profiler is not None:
+                        self._profiler.__exit__(None, None, None)
+                        _report_profile(self._profiler, device, profile)
 
         return StepTimer()
+
+
+def _report_profile(profiler, device, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    profiler.export_chrome_trace(path)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(profiler.key_averages().table(sort_by=key, row_limit=30), flush=True)
+    print(f"# profile: Chrome trace in {path}", flush=True)
 
 
 def ditlab_step_rate(model_name: str, args, overrides: list[str], device: torch.device) -> tuple[float, object]:
@@ -344,7 +368,10 @@ def ditlab_step_rate(model_name: str, args, overrides: list[str], device: torch.
             optimizer=instantiate(cfg.optim.optimizer),
             scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
         )
-        timer = _StepTimer(device, args.warmup, args.steps)
+        profile = None
+        if args.profile:
+            profile = str(Path(args.profile) / f"{model_name}_b{args.batch}_trace.json")
+        timer = _StepTimer(device, args.warmup, args.steps, profile)
         trainer = instantiate(
             trainer_cfg,
             callbacks=[timer],
@@ -391,7 +418,7 @@ def run(args) -> None:
     print("| model | batch | config | img/s | vs official | MFU | peak memory | matmul TFLOP/s |")
     print("|---|---|---|---|---|---|---|---|")
     for model_name in args.models:
-        args.spec = _model_spec(model_name, args.size)
+        args.spec = _model_spec(model_name, args.size, args.override)
         spec = _label(model_name, args.spec)
         flops = 2 * forward_macs(instantiate(args.spec))
         for batch in args.batches:

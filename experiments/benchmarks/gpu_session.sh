@@ -5,7 +5,7 @@
 #   run from the repo root on the GPU machine, with the wheels of .whl/ (see README.md here)
 set -u
 ${PIP_INSTALL:-python3 -m pip install} -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=src:tests:/tmp/site PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD/src:$PWD/tests:/tmp/site PYTHONUNBUFFERED=1  # absolute: the sharded check runs elsewhere
 OUT=${OUT:-/tmp/gpu_session}; mkdir -p "$OUT"
 deadline=$((SECONDS + ${BUDGET:-540}))
 BIG=${BIG:-dit_xl2}; SIZE=${SIZE:-32}; SMALL_SIZE=${SMALL_SIZE:-8}
@@ -31,5 +31,6 @@ stage fmnist_b256 80 python3 -m ditlab.bench train --models dit_fmnist --size "$
 stage xl2_b256_ac 130 python3 -m ditlab.bench train --models "$BIG" --size "$SIZE" --batches 256 --ac 1 --official off --steps 5
 stage xl2_b32_fsdp 130 python3 -m ditlab.bench train --models "$BIG" --size "$SIZE" --batches 32 --trainer fsdp --override trainer.devices=1 --official off
 stage xl2_b128 120 python3 -m ditlab.bench train --models "$BIG" --size "$SIZE" --batches 128 --official off
+stage xl2_b32_profile 120 python3 -m ditlab.bench train --models "$BIG" --size "$SIZE" --batches 32 --official off --steps 3 --profile "$OUT"
 stage data_fmnist 60 python3 -m ditlab.bench data --size "$SMALL_SIZE" --batch 256 --workers 4 --count 20000
 date -u

@@ -67,6 +67,27 @@ def test_prepare_image_folder_identity(tmp_path):
     assert np.array_equal(latent[0, 0], first)
 
 
+def test_prepare_without_flips_stores_the_image_view_only(tmp_path):
+    folder = make_image_folder(tmp_path / "images", corrupt=False, per_class=5)
+    with_flips = prepare_dataset(prepare_cfg(tmp_path / "a", folder))
+    without = prepare_dataset(prepare_cfg(tmp_path / "b", folder, extra=["data.flip=false"]))
+    assert json.loads((without / "meta.json").read_text())["views"] == 1
+    assert json.loads((with_flips / "meta.json").read_text())["views"] == 2
+    both, alone = read_items(with_flips / "train"), read_items(without / "train")
+    assert alone[0]["latent"].shape == (1, 1, 3, 16, 16)
+    for a, b in zip(both, alone):  # the same items in the same order: view 0 is the image
+        assert np.array_equal(a["latent"][:1], b["latent"]) and a["label"] == b["label"]
+    # training on data without flips: flip=false reads it (and data with flips, view 0), flip=true refuses
+    with pytest.raises(ValueError, match="flip=true but .* was prepared without flipped views"):
+        LatentDataModule(str(without), batch_size=4, num_workers=0)
+    for path in (without, with_flips):
+        dm = LatentDataModule(str(path), batch_size=4, num_workers=0, flip=False)
+        dm.check_data()
+        batch = next(iter(dm.train_dataloader()))
+        latents, _ = dm.to_model_batch(batch, torch.Generator().manual_seed(0))
+        assert torch.equal(latents, batch["latent"][:, 0, 0].float())  # identity codec: the image itself
+
+
 def test_prepare_rerun_skips_finished_work(tmp_path, caplog):
     folder = make_image_folder(tmp_path / "images", corrupt=False)
     cfg = prepare_cfg(tmp_path, folder)

@@ -64,3 +64,24 @@ def test_metrics_json_records_the_classifier_accuracy_beside_the_sample_accuracy
     assert metrics["val/classifier_accuracy_clf"] == pytest.approx(judge, abs=1e-6)  # via a float32 tensor
     assert 0.0 <= metrics["val/sample_accuracy_clf"] <= 1.0
     assert "val/fid_clf" in metrics
+
+
+def test_install_hands_pips_index_settings_to_uv():
+    """tools/install.py (make install): pip's indexes, wheel folders, constraints and CA bundle reach uv."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("install", REPO / "tools" / "install.py")
+    install = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(install)
+    text = (
+        "global.cert='/etc/ssl/certs/ca.crt'\n"
+        "global.extra-index-url='file:///opt/a/simple file:///opt/b/simple'\n"
+        "global.find-links='/opt/old'\n"
+        "global.timeout='60'\n"
+        ":env:.find-links='/opt/wheels'\n"
+    )
+    assert install.parse_pip_config(text) == {
+        "cert": ["/etc/ssl/certs/ca.crt"],
+        "extra-index-url": ["file:///opt/a/simple", "file:///opt/b/simple"],
+        "find-links": ["/opt/wheels"],  # the environment variable wins, as in pip
+    }

@@ -26,7 +26,7 @@ def test_a_nan_batch_is_skipped_without_any_update(prepared, tmp_path, monkeypat
     """Both paths: the host decision (zero_grad) and the fused optimizer's on-device found_inf skip."""
     out = tmp_path / "run"
     monkeypatch.setenv("DITLAB_FAULT", "batch@3:nan")  # the batch of step 3 (1-based) becomes NaN
-    extra = ["callbacks.checkpoint.every_n_train_steps=1", *(["+optim.optimizer.fused=true"] if fused else [])]
+    extra = ["callbacks.checkpoint.every_n_train_steps=1", f"+optim.optimizer.fused={str(fused).lower()}"]
     train_in_process(compose(prepared, out, steps=STEPS, extra=extra))
     ckpts = out / "checkpoints"
     before, skipped, after = (full_state(ckpts / f"step_{s:07d}.ckpt") for s in (2, 3, 4))
@@ -49,7 +49,7 @@ def test_k_nonfinite_steps_in_a_row_stop_with_one_line(prepared, tmp_path, monke
 
     out = tmp_path / "run"
     extra = ["optim.optimizer.lr=1e30", "module.max_nonfinite_steps=3", f"hydra.run.dir={out}"]
-    extra += ["+optim.optimizer.fused=true"] if fused else []
+    extra += [f"+optim.optimizer.fused={str(fused).lower()}"]
     monkeypatch.setattr(sys, "argv", ["ditlab.train", *overrides(prepared, tmp_path, STEPS, extra)])
     with pytest.raises(SystemExit) as stop:
         main()

@@ -24,16 +24,17 @@ def latents_from_block(
     flip: bool = True,
     sample_posterior: bool = True,
 ) -> torch.Tensor:
-    """(N, 2, M, C, H, W) stored block -> (N, C, H, W) model-space latents.
+    """(N, V, M, C, H, W) stored block -> (N, C, H, W) model-space latents.
 
-    Picks the image or its flip per sample, draws z = mean + std * eps when the posterior (M = 2)
-    was stored (or takes the mean when ``sample_posterior`` is off), then multiplies by the scale.
+    Picks the image or its flip per sample (``flip`` and V = 2; else view 0, the image), draws
+    z = mean + std * eps when the posterior (M = 2) was stored (or takes the mean when
+    ``sample_posterior`` is off), then multiplies by the scale.
     """
     n = block.shape[0]
     device = block.device
     which = (
         (torch.rand(n, generator=generator, device=device) < 0.5).long()
-        if flip
+        if flip and block.shape[1] == 2
         else torch.zeros(n, dtype=torch.long, device=device)
     )
     chosen = block[torch.arange(n, device=device), which].float()  # (N, M, C, H, W)
@@ -107,6 +108,11 @@ class LatentDataModule(LightningDataModule):
         self.train_split, self.val_split = train_split, val_split
         self.drop_last = drop_last
         self.meta = read_meta(meta_path or self.path)
+        if flip and self.meta.get("views", 2) == 1:
+            raise ValueError(
+                f"flip=true but {self.path} was prepared without flipped views (data.flip=false); "
+                "expected flip=false, or prepare again with data.flip=true"
+            )
         self.train_set = self.val_set = None
 
     # ------------------------------------------------------------ what the data is

@@ -18,16 +18,17 @@ from ditlab.training.faults import fault_point
 
 
 @torch.no_grad()
-def encode_with_flip(codec, images: torch.Tensor, store_posterior: bool) -> torch.Tensor:
-    """(N, C, H, W) images -> (N, 2, M, C', H', W') float16: the image and its horizontal flip,
-    each as [posterior mean, std] (M = 2) or [sample] (M = 1, deterministic codecs)."""
-    both = torch.cat([images, images.flip(-1)], dim=0)  # (2N, C, H, W)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if both.is_cuda else nullcontext()
+def encode_views(codec, images: torch.Tensor, store_posterior: bool, flip: bool = True) -> torch.Tensor:
+    """(N, C, H, W) images -> (N, V, M, C', H', W') float16 latent blocks: V = 2 views (the image and
+    its horizontal flip) or V = 1 (the image alone, ``flip=False``), each as [posterior mean, std]
+    (M = 2) or [sample] (M = 1, deterministic codecs)."""
+    views = torch.cat([images, images.flip(-1)], dim=0) if flip else images  # (V*N, C, H, W)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if views.is_cuda else nullcontext()
     with amp:
-        mean, std = codec.encode(both)
+        mean, std = codec.encode(views)
     moments = torch.stack([mean.float(), std.float()], dim=1) if store_posterior else mean.float().unsqueeze(1)
-    n = images.shape[0]
-    return torch.stack([moments[:n], moments[n:]], dim=1).to(torch.float16)  # (N, 2, M, C', H', W')
+    # (V*N, M, C', H', W') -> (N, V, M, C', H', W'): view v of image i sits at row v*N + i
+    return moments.unflatten(0, (-1, images.shape[0])).transpose(0, 1).to(torch.float16)
 
 
 def extract_split(
@@ -35,6 +36,7 @@ def extract_split(
     codec,
     split_dir: Path,
     store_posterior: bool,
+    flip: bool = True,
     batch_size: int = 256,
     num_workers: int = 0,
     device: str | torch.device = "cpu",
@@ -42,8 +44,9 @@ def extract_split(
     world_size: int = 1,
     progress: bool = True,
 ) -> dict:
-    """Encode this rank's images (every world_size-th, starting at rank) and write its shards.
-    Returns a summary: counts per class, skipped (unreadable) keys, images/s."""
+    """Encode this rank's images (every world_size-th, starting at rank), with their horizontal
+    flips when ``flip``, and write its shards. Returns a summary: counts per class, skipped
+    (unreadable) keys, images/s."""
     indices = list(range(rank, len(source), world_size))
     loader = DataLoader(
         Subset(source, indices), batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skipping_failures
@@ -56,7 +59,7 @@ def extract_split(
     for images, labels, _keys, failed in loader:
         skipped += failed
         if images is not None:
-            latents = encode_with_flip(codec, images.to(device), store_posterior).cpu().numpy()
+            latents = encode_views(codec, images.to(device), store_posterior, flip).cpu().numpy()
             for latent, label in zip(latents, labels.tolist()):
                 writer.add(np.ascontiguousarray(latent), label)
                 per_class[label] += 1

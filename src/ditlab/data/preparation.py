@@ -77,6 +77,7 @@ def prepare_dataset(cfg: DictConfig) -> Path:
             codec,
             split_dir,
             store_posterior,
+            cfg.data.flip,
             cfg.encode.batch_size,
             cfg.encode.num_workers,
             device,
@@ -107,6 +108,7 @@ def prepare_dataset(cfg: DictConfig) -> Path:
         "latent_shape": [latent_channels, size, size],
         "latent_format": "posterior" if store_posterior else "sample",
         "latent_dtype": "float16",
+        "views": 2 if cfg.data.flip else 1,  # each item: [image, its horizontal flip] or [image]
         "vae": {**codec.describe(), "name": cfg.vae.name},  # train checks it names the same VAE
         "ditlab_version": ditlab.__version__,
     }

@@ -3,7 +3,8 @@
     <prepared_dir>/
       meta.json           dataset, classes, counts, latent shape/format/dtype, VAE and scale factor
       train/ val/         litdata shards (index.json + chunk-<rank>-<i>.bin), one item per image:
-                            latent (2, M, C, H, W) float16: [image, its horizontal flip] x
+                            latent (V, M, C, H, W) float16: [image, its horizontal flip] (V = 2)
+                                   or [image] (V = 1, data.flip=false) x
                                    [posterior mean, posterior std] (M = 2) or [sample] (M = 1)
                             label  int
       vae/                the small VAE's weights (safetensors) when prepare trained one
@@ -58,7 +59,7 @@ def read_meta(prepared_dir: str | Path) -> dict:
 def check_split(split_dir: str | Path, meta: dict) -> None:
     """A split's shards are complete and hold what meta.json says: every chunk file has the size its
     index records (a truncated shard otherwise surfaces as a litdata timeout, many lines deep), and
-    the first item is a float16 latent block (2, M, C, H, W) of meta's latent shape."""
+    the first item is a float16 latent block (V, M, C, H, W) of meta's views and latent shape."""
     split_dir = Path(split_dir)
     try:
         chunks = json.loads((split_dir / INDEX_FILE).read_text())["chunks"]
@@ -80,11 +81,16 @@ def check_split(split_dir: str | Path, meta: dict) -> None:
         raise ValueError(
             f"the first item of {split_dir} cannot be decoded ({err}); expected ditlab.prepare's shards"
         ) from err
-    shape = tuple(meta["latent_shape"])
-    if latent.dtype != np.dtype(meta.get("latent_dtype", "float16")) or latent.ndim != 5 or latent.shape[2:] != shape:
+    shape, views = tuple(meta["latent_shape"]), meta.get("views", 2)
+    if (
+        latent.dtype != np.dtype(meta.get("latent_dtype", "float16"))
+        or latent.ndim != 5
+        or latent.shape[2:] != shape
+        or latent.shape[0] != views
+    ):
         raise ValueError(
             f"latents in {split_dir} are {latent.dtype} {latent.shape}; expected {meta.get('latent_dtype', 'float16')} "
-            f"(2, M, {', '.join(map(str, shape))}) as {META_FILE} says"
+            f"({views}, M, {', '.join(map(str, shape))}) as {META_FILE} says"
         )
 
 

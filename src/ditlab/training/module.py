@@ -97,7 +97,10 @@ class DiTModule(LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.net.parameters() if p.requires_grad]
         extra = {}
-        if self.device.type == "cuda" and "fused" in inspect.signature(self.optimizer_factory).parameters:
+        # Fused AdamW (one kernel over all parameters) unless optim.optimizer.fused=false: on CUDA, and
+        # on the CPU too (4.4 ms a step instead of 12.2 for the 7.4M fmnist DiT: ~5% of its step).
+        fused_devices = ("cuda", "cpu")
+        if self.device.type in fused_devices and "fused" in inspect.signature(self.optimizer_factory).parameters:
             extra = {"fused": getattr(self.optimizer_factory, "keywords", {}).get("fused") is not False}
         optimizer = self.optimizer_factory(params, **extra)
         if self.scheduler_factory is None:

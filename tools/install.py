@@ -3,27 +3,34 @@
 uv when it can be had: torch 2.14 brings ~5 GB of CUDA libraries, which pip unpacks one file at a
 time in ~3 minutes of a 20-minute `make train`; uv does it in ~20 s. uv does not read pip's
 configuration, so the indexes, wheel folders, constraints and CA bundle pip is configured with
-(pip.conf and PIP_* variables, as `pip config list` shows them) are handed to it. Any failure of uv falls back to
-plain pip, so the result never depends on uv being reachable.
+(pip.conf and PIP_* variables, as `pip config list` shows them) are handed to it. Any failure of
+uv falls back to plain pip, so the result never depends on uv being reachable.
 
     python tools/install.py [requirement ...]     (default: -e '.[dev]')
 """
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
 
 PIP = [sys.executable, "-m", "pip"]
-# pip setting -> uv option (each setting may hold several values, separated by spaces)
+# pip setting -> uv option (each setting may hold several values, separated by whitespace)
 SETTINGS = {
     "index-url": "--index-url",
     "extra-index-url": "--extra-index-url",
     "find-links": "--find-links",
     "constraint": "--constraint",
+    "no-index": "--no-index",  # a switch: given when pip's value is true
     "cert": None,  # a CA bundle: handed to uv as SSL_CERT_FILE
 }
+# The config sections that apply to `pip install`, weakest first (pip's precedence: the install
+# command's section over [global], PIP_* variables over both). `pip config list` sorts its lines,
+# so the order of the lines says nothing.
+SECTIONS = ("global", "install", ":env:")
+TRUE = ("1", "true", "yes", "on")
 
 
 def pip_settings() -> dict[str, list[str]]:
@@ -32,14 +39,31 @@ def pip_settings() -> dict[str, list[str]]:
 
 def parse_pip_config(text: str) -> dict[str, list[str]]:
     """{setting: values} of the settings uv needs, from `pip config list` output (lines like
-    global.find-links='/opt/wheels'); later scopes (environment variables last) replace earlier ones."""
-    found: dict[str, list[str]] = {}
+    global.find-links='/opt/wheels', values in Python repr), with pip's precedence."""
+    found: dict[str, tuple[int, list[str]]] = {}
     for line in text.splitlines():
         key, sep, value = line.partition("=")
-        name = key.rsplit(".", 1)[-1]
-        if sep and name in SETTINGS:
-            found[name] = value.strip().strip("'\"").split()
-    return found
+        section, _, name = key.rpartition(".")
+        if not sep or name not in SETTINGS or section not in SECTIONS:
+            continue
+        try:
+            value = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            value = value.strip()
+        rank = SECTIONS.index(section)
+        if name not in found or rank >= found[name][0]:
+            found[name] = (rank, str(value).split())
+    return {name: values for name, (_, values) in found.items()}
+
+
+def uv_options(settings: dict[str, list[str]]) -> list[str]:
+    options = []
+    for name, values in settings.items():
+        if name == "no-index":
+            options += [SETTINGS[name]] if values and values[0].lower() in TRUE else []
+        elif SETTINGS[name]:
+            options += [part for value in values for part in (SETTINGS[name], value)]
+    return options
 
 
 def uv_install(requirements: list[str]) -> bool:
@@ -49,7 +73,7 @@ def uv_install(requirements: list[str]) -> bool:
     env = dict(os.environ)
     for cert in settings.pop("cert", [])[:1]:
         env["SSL_CERT_FILE"] = cert
-    args = [opt_value for name, values in settings.items() for v in values for opt_value in (SETTINGS[name], v)]
+    args = uv_options(settings)
     # pip's rule for a package in several indexes: the best version anywhere (uv's default: the first index)
     cmd = [
         sys.executable,

@@ -41,6 +41,16 @@ def test_a_nan_batch_is_skipped_without_any_update(prepared, tmp_path, monkeypat
     assert summary["skipped_nonfinite_steps"] == 1 and summary["global_step"] == STEPS
 
 
+def test_a_non_fused_checkpoint_resumes_under_the_fused_default(prepared, tmp_path):
+    """A resumed optimizer takes its param groups (and their ``fused``) from the checkpoint: the
+    non-finite guard must then take the host path, not hand ``found_inf`` to a non-fused step."""
+    out = tmp_path / "run"
+    train_in_process(compose(prepared, out, steps=4, extra=["+optim.optimizer.fused=false"]))
+    train_in_process(compose(prepared, out, steps=6))  # ckpt_path=last, fused by default on the CPU
+    summary = strict_json(out / "metrics.json")
+    assert summary["global_step"] == 6 and summary["skipped_nonfinite_steps"] == 0
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["host-check", "fused-on-device"])
 def test_k_nonfinite_steps_in_a_row_stop_with_one_line(prepared, tmp_path, monkeypatch, capsys, fused):
     """lr 1e30: step 1 blows the weights up, every later loss is NaN/Inf: stop after 3 skipped steps

@@ -110,8 +110,9 @@ class LatentDataModule(LightningDataModule):
         self.meta = read_meta(meta_path or self.path)
         if flip and self.meta.get("views", 2) == 1:
             raise ValueError(
-                f"flip=true but {self.path} was prepared without flipped views (data.flip=false); "
-                "expected flip=false, or prepare again with data.flip=true"
+                f"flip=true but {self.path} was prepared without flipped views (data.flip=false); expected "
+                "flip=false, or delete that directory (or set data.prepared_dir elsewhere) and prepare "
+                "with data.flip=true"
             )
         self.train_set = self.val_set = None
 

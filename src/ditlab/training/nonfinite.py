@@ -8,12 +8,12 @@ advances (the batch was consumed), and so does the LR schedule. After ``max_cons
 steps in a row the run stops with ``NonFiniteTraining``; the checkpoints on disk hold the weights
 from before the streak (skipped steps do not change them).
 
-With a fused optimizer (AdamW ``fused=True``, the default on CUDA) nothing leaves the device: the
-non-finite flag goes to the optimizer as ``found_inf`` (its kernel skips the update, as under
-GradScaler), masks the EMA step, and the counters stay on the device until a logging step reads
-them, so a streak stops the run at the first logging step after K skips in a row. With other
-optimizers the decision costs one host sync per optimizer step (a scalar ``isfinite``; free on
-the CPU). ``max_consecutive=0`` turns the guard off (no check, no sync).
+With a fused optimizer (AdamW ``fused=True``, the default on CUDA and on the CPU) nothing leaves
+the device: the non-finite flag goes to the optimizer as ``found_inf`` (its kernel skips the
+update, as under GradScaler), masks the EMA step, and the counters stay on the device until a
+logging step reads them, so a streak stops the run at the first logging step after K skips in a
+row. With other optimizers the decision costs one host sync per optimizer step (a scalar
+``isfinite``). ``max_consecutive=0`` turns the guard off (no check, no sync).
 """
 
 from __future__ import annotations
@@ -22,8 +22,12 @@ import torch
 
 
 def skips_on_device(optimizer) -> bool:
-    """Whether the optimizer can skip a step on the device from a ``found_inf`` flag (fused Adam/AdamW)."""
-    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
+    """Whether the optimizer can skip a step on the device from a ``found_inf`` flag (fused Adam/AdamW).
+    Asked of the parameter groups, not ``defaults``: a resumed optimizer takes its groups (and their
+    ``fused``) from the checkpoint, and a non-fused step refuses ``found_inf``."""
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and all(
+        group.get("fused") for group in optimizer.param_groups
+    )
 
 
 class NonFiniteTraining(RuntimeError):

@@ -188,4 +188,4 @@ def test_diffusers_export_matches_diffusers_implementation_and_round_trips():
 def test_experiment_values_override_the_primary_config():
     cfg = compose_cfg("train", ["experiment=fmnist_cpu"])
     assert cfg.module.ema_decay == 0.999 and cfg.module.ema_warmup is True
-    assert cfg.model.hidden_size == 256 and cfg.optim.optimizer.lr == 1e-3
+    assert cfg.model.hidden_size == 256 and cfg.optim.optimizer.lr == 2e-3  # adamw.yaml: 1e-4

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from lightning import LightningDataModule
 
-from ditlab.data.shards import check_split, read_meta
+from ditlab.data.shards import check_split, read_meta, stored_views
 from ditlab.seeding import stream_generator
 
 
@@ -108,7 +108,7 @@ class LatentDataModule(LightningDataModule):
         self.train_split, self.val_split = train_split, val_split
         self.drop_last = drop_last
         self.meta = read_meta(meta_path or self.path)
-        if flip and self.meta.get("views", 2) == 1:
+        if flip and stored_views(self.meta) == 1:
             raise ValueError(
                 f"flip=true but {self.path} was prepared without flipped views (data.flip=false); expected "
                 "flip=false, or delete that directory (or set data.prepared_dir elsewhere) and prepare "

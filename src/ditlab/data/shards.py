@@ -28,6 +28,11 @@ META_FILE = "meta.json"
 INDEX_FILE = "index.json"
 
 
+def stored_views(meta: dict) -> int:
+    """Latent views per item: 2 (image + flip), or 1 (data.flip=false); metas from before the key: 2."""
+    return meta.get("views", 2)
+
+
 def split_is_complete(split_dir: Path) -> bool:
     return (split_dir / INDEX_FILE).is_file()
 
@@ -81,7 +86,7 @@ def check_split(split_dir: str | Path, meta: dict) -> None:
         raise ValueError(
             f"the first item of {split_dir} cannot be decoded ({err}); expected ditlab.prepare's shards"
         ) from err
-    shape, views = tuple(meta["latent_shape"]), meta.get("views", 2)
+    shape, views = tuple(meta["latent_shape"]), stored_views(meta)
     if (
         latent.dtype != np.dtype(meta.get("latent_dtype", "float16"))
         or latent.ndim != 5

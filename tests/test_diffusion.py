@@ -276,3 +276,35 @@ def test_benchmarks_run_on_tiny_sizes(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "| dit_fmnist | 2 | ditlab |" in out and "official" not in out.split("|---")[-1]
     assert (tmp_path / "dit_fmnist_b2_trace.json").stat().st_size > 0
+
+
+def test_min_snr_weights_the_eps_mse_by_min_snr_over_snr():
+    plain, weighted = create_diffusion(learn_sigma=True), create_diffusion(learn_sigma=True, min_snr_gamma=5.0)
+    model = DiT(input_size=4, patch_size=2, in_channels=2, hidden_size=32, depth=1, num_heads=2, num_classes=2)
+    x0, noise = torch.randn(4, 2, 4, 4), torch.randn(4, 2, 4, 4)
+    t, y = torch.tensor([0, 40, 300, 999]), torch.tensor([0, 1, 0, 1])
+    a, b = (d.training_losses(model, x0, t, {"y": y}, noise=noise) for d in (plain, weighted))
+    # SNR_t = abar / (1 - abar) from the linear schedule, written out: 1 / SNR below 5, 1 above
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[t]
+    snr = abar / (1 - abar)
+    expected = torch.where(snr > 5, 5 / snr, torch.ones_like(snr)).float()
+    assert snr[0] > 5 > snr[3]  # both branches are exercised
+    assert torch.allclose(b["mse"], expected * a["mse"], rtol=1e-5)
+    assert torch.equal(b["vb"], a["vb"])  # the variance term is not reweighted
+    assert weighted.respaced(50).min_snr_gamma == 5.0
+    with pytest.raises(ValueError, match="min_snr_gamma must be > 0"):
+        create_diffusion(min_snr_gamma=0.0)
+
+
+def test_logit_normal_t_is_a_sigmoid_of_the_given_normal():
+    t = FlowMatching(t_sampling="logit_normal", t_mean=-0.5, t_std=0.8).sample_t(
+        50000, generator=torch.Generator().manual_seed(0)
+    )
+    assert ((t > 0) & (t < 1)).all()
+    logit = torch.log(t / (1 - t))
+    assert logit.mean().item() == pytest.approx(-0.5, abs=0.02)
+    assert logit.std().item() == pytest.approx(0.8, rel=0.02)
+    with pytest.raises(ValueError, match="unknown t_sampling 'lognormal'"):
+        FlowMatching(t_sampling="lognormal")
+    with pytest.raises(ValueError, match="t_std must be > 0"):
+        FlowMatching(t_sampling="logit_normal", t_std=0.0)

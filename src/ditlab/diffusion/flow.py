@@ -15,14 +15,33 @@ import torch
 from ditlab.diffusion.gaussian import mean_flat
 
 
+T_SAMPLINGS = ("uniform", "logit_normal")
+
+
 class FlowMatching:
+    """Args:
+    time_scale: what the model sees for t = 1.
+    t_sampling: "uniform" (SiT) or "logit_normal": t = sigmoid(N(t_mean, t_std)), which trains
+        the middle of the path more than its ends (Esser et al. 2024, SD3).
+    """
+
     learn_sigma = False
 
-    def __init__(self, time_scale: float = 1000.0):
+    def __init__(
+        self, time_scale: float = 1000.0, t_sampling: str = "uniform", t_mean: float = 0.0, t_std: float = 1.0
+    ):
+        if t_sampling not in T_SAMPLINGS:
+            raise ValueError(f"unknown t_sampling {t_sampling!r}; expected one of {T_SAMPLINGS}")
+        if t_std <= 0:
+            raise ValueError(f"t_std must be > 0, got {t_std}")
         self.time_scale = float(time_scale)
+        self.t_sampling, self.t_mean, self.t_std = t_sampling, float(t_mean), float(t_std)
 
     def sample_t(self, batch_size: int, device: torch.device | str = "cpu", generator=None) -> torch.Tensor:
-        return torch.rand(batch_size, device=device, generator=generator)
+        if self.t_sampling == "uniform":
+            return torch.rand(batch_size, device=device, generator=generator)
+        z = torch.randn(batch_size, device=device, generator=generator)
+        return torch.sigmoid(self.t_mean + self.t_std * z)
 
     def interpolate(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         t = t.view(-1, *([1] * (x_start.dim() - 1)))

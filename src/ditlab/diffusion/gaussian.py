@@ -61,10 +61,16 @@ class GaussianDiffusion:
         variance_type: "learned_range" (model outputs eps and v), "fixed_large" (beta_t) or
             "fixed_small" (the posterior variance).
         timestep_map: original timestep index of each step of this (respaced) process.
+        min_snr_gamma: if given, the eps MSE of step t is weighted by min(SNR_t, gamma) / SNR_t
+            (Hang et al. 2023, "Min-SNR"): the nearly clean steps, easy and many, count less.
     """
 
     def __init__(
-        self, betas: torch.Tensor, variance_type: str = "learned_range", timestep_map: list[int] | None = None
+        self,
+        betas: torch.Tensor,
+        variance_type: str = "learned_range",
+        timestep_map: list[int] | None = None,
+        min_snr_gamma: float | None = None,
     ):
         if variance_type not in VARIANCE_TYPES:
             raise ValueError(f"unknown variance_type {variance_type!r}; expected one of {VARIANCE_TYPES}")
@@ -75,6 +81,9 @@ class GaussianDiffusion:
         self.variance_type = variance_type
         self.num_timesteps = len(betas)
         self.timestep_map = torch.tensor(timestep_map if timestep_map is not None else range(len(betas)))
+        if min_snr_gamma is not None and min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma must be > 0 (or null for DiT's unweighted MSE), got {min_snr_gamma}")
+        self.min_snr_gamma = min_snr_gamma
 
         alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(alphas, dim=0)
@@ -91,6 +100,8 @@ class GaussianDiffusion:
         )
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * alphas.sqrt() / (1.0 - self.alphas_cumprod)
+        snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
+        self.mse_weights = torch.ones_like(snr) if min_snr_gamma is None else snr.clamp(max=min_snr_gamma) / snr
 
     # ---------------------------------------------------------------- the forward process
     @property
@@ -195,6 +206,8 @@ class GaussianDiffusion:
         output = model(x_t, self.model_timesteps(t), **(model_kwargs or {}))
         c = x_start.shape[1]
         terms = {"mse": mean_flat((noise - output[:, :c]) ** 2)}
+        if self.min_snr_gamma is not None:
+            terms["mse"] = _extract(self.mse_weights, t, terms["mse"].shape) * terms["mse"]
         if self.learn_sigma:
             frozen = torch.cat([output[:, :c].detach(), output[:, c:]], dim=1)
             terms["vb"] = self.vb_terms_bpd(self.output_to_mean_variance(frozen, x_t, t), x_start, x_t, t)
@@ -212,7 +225,9 @@ class GaussianDiffusion:
         keep = space_timesteps(self.num_timesteps, spacing)
         if len(keep) == self.num_timesteps:
             return self
-        return GaussianDiffusion(respaced_betas(self.alphas_cumprod, keep), self.variance_type, timestep_map=keep)
+        return GaussianDiffusion(
+            respaced_betas(self.alphas_cumprod, keep), self.variance_type, timestep_map=keep, min_snr_gamma=self.min_snr_gamma
+        )
 
 
 def create_diffusion(
@@ -221,10 +236,11 @@ def create_diffusion(
     learn_sigma: bool = True,
     sigma_small: bool = False,
     diffusion_steps: int = 1000,
+    min_snr_gamma: float | None = None,
 ) -> GaussianDiffusion:
     """DiT's ``create_diffusion``: the 1000-step linear process, optionally respaced
     (``"250"``, ``"ddim50"``, ``""``/None for every step)."""
     betas = named_betas(noise_schedule, diffusion_steps)
     variance_type = "learned_range" if learn_sigma else ("fixed_small" if sigma_small else "fixed_large")
-    process = GaussianDiffusion(betas, variance_type)
+    process = GaussianDiffusion(betas, variance_type, min_snr_gamma=min_snr_gamma)
     return process if timestep_respacing in (None, "") else process.respaced(timestep_respacing)

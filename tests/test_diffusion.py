@@ -216,6 +216,21 @@ def test_guidance_scale_one_is_conditional_and_interval_limits_it():
         CFGModel(model, 2.0, null_label=10, in_channels=4, guided_channels=5)
 
 
+def test_guidance_outside_its_interval_costs_one_forward():
+    batch_sizes = []
+
+    def model(x, t, y):
+        batch_sizes.append(x.shape[0])
+        return x + y.float().view(-1, 1, 1, 1)
+
+    x, y = torch.randn(3, 2, 2, 2), torch.tensor([1, 2, 3])
+    limited = CFGModel(model, 4.0, null_label=10, in_channels=2, interval=(0, 500))
+    assert torch.equal(limited(x, torch.full((3,), 800), y), x + y.float().view(-1, 1, 1, 1))  # the conditional output
+    assert batch_sizes == [3]
+    limited(x, torch.full((3,), 300), y)  # inside: conditional and unconditional halves
+    assert batch_sizes == [3, 6]
+
+
 def test_cfg_wrapper_matches_model_forward_with_cfg_for_dit():
     model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=5)
     with torch.no_grad():

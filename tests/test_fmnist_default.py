@@ -9,6 +9,8 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
+from ditlab.inference import Guidance
+from ditlab.metrics.curve import fid_settings
 from ditlab.train import train
 from helpers import compose_cfg, prepare_tiny_folder
 from test_train import compose_run
@@ -56,8 +58,11 @@ def test_metrics_json_records_the_classifier_accuracy_beside_the_sample_accuracy
             "callbacks.fid.every_n_steps=0",
             "callbacks.fid.metrics=[fid]",
             "callbacks.fid.extractor=clf",
+            "callbacks.fid.cfg_scale=4.0",
+            "callbacks.fid.guidance_interval=[0,500]",  # as the default run: guidance on half the path
         ],
     )
+    assert fid_settings(cfg)["guidance"] == Guidance(4.0, None, (0, 500))  # what re-scoring a checkpoint uses
     train(cfg)
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     judge = json.loads((Path(prepared) / "classifier" / "classifier.json").read_text())["val_accuracy"]

@@ -37,10 +37,13 @@ class Guidance:
     def __post_init__(self):
         if self.scale < 0:
             raise ValueError(f"cfg_scale={self.scale}; expected a number >= 0 (1.0: no guidance)")
+        if self.interval is not None:  # a config list -> a comparable, hashable pair
+            if len(self.interval) != 2:
+                raise ValueError(f"guidance interval {list(self.interval)}; expected [t_lo, t_hi]")
+            object.__setattr__(self, "interval", tuple(float(v) for v in self.interval))
 
     def wrap(self, net: Callable, null_label: int, in_channels: int) -> CFGModel:
-        interval = None if self.interval is None else tuple(self.interval)
-        return CFGModel(net, self.scale, null_label, in_channels, self.channels, interval)
+        return CFGModel(net, self.scale, null_label, in_channels, self.channels, self.interval)
 
 
 def sample_labels(num_classes: int, count: int, seed: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ class SamplingCallback(Callback):
     """Args:
     sampler: the validated sampler (checked against the objective when fitting starts).
     every_n_steps: sample every N optimizer steps (0: only at the end); at_end: also after training.
-    cfg_scale, guided_channels: classifier-free guidance (``ditlab.inference.Guidance``).
+    cfg_scale, guided_channels, guidance_interval: classifier-free guidance (``ditlab.inference.Guidance``).
     seed: base of the per-sample noise streams (the same images every time for the same weights).
     use_ema: sample with the EMA weights (default) or the raw ones.
     """
@@ -26,13 +26,14 @@ class SamplingCallback(Callback):
         every_n_steps: int,
         cfg_scale: float = 1.0,
         guided_channels: int | None = None,
+        guidance_interval: tuple[float, float] | None = None,
         seed: int = 0,
         at_end: bool = True,
         use_ema: bool = True,
     ):
         self.sampler = sampler
         self.every_n_steps = every_n_steps
-        self.guidance = Guidance(cfg_scale, guided_channels)
+        self.guidance = Guidance(cfg_scale, guided_channels, guidance_interval)
         self.seed = seed
         self.at_end = at_end
         self.use_ema = use_ema

@@ -54,6 +54,11 @@ class CFGModel:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.scale == 1.0:
             return self.model(x, t, y)
+        if self.interval is not None:
+            lo, hi = self.interval
+            inside = (t >= lo) & (t <= hi)
+            if not inside.any():  # outside the interval the output is the conditional one: skip the other half
+                return self.model(x, t, y)
         n = x.shape[0]
         out = self.model(
             torch.cat([x, x], dim=0),  # (2N, C, H, W)
@@ -64,9 +69,7 @@ class CFGModel:
         g = self.guided_channels
         guided = mix_guidance(cond[:, :g], uncond[:, :g], self.scale)
         if self.interval is not None:
-            lo, hi = self.interval
-            inside = ((t >= lo) & (t <= hi)).view(-1, *([1] * (x.dim() - 1)))
-            guided = torch.where(inside, guided, cond[:, :g])
+            guided = torch.where(inside.view(-1, *([1] * (x.dim() - 1))), guided, cond[:, :g])
         return torch.cat([guided, cond[:, g:]], dim=1)
 
 

@@ -101,7 +101,7 @@ def fid_settings(run_cfg, num_samples: int | None = None, extractor: str | None 
     sampler_cfg = fid.get("sampler") or run_cfg.sampler
     return dict(
         sampler=instantiate(sampler_cfg),
-        guidance=Guidance(fid.get("cfg_scale", 1.0), fid.get("guided_channels")),
+        guidance=Guidance(fid.get("cfg_scale", 1.0), fid.get("guided_channels"), fid.get("guidance_interval")),
         num_samples=int(num_samples or fid.get("num_samples", 1000)),
         batch_size=int(fid.get("batch_size", 250)),
         seed=int(fid.get("seed", run_cfg.get("seed", 0))),

@@ -14,7 +14,6 @@ import torch
 
 from ditlab.diffusion.gaussian import mean_flat
 
-
 T_SAMPLINGS = ("uniform", "logit_normal")
 
 

@@ -226,7 +226,10 @@ class GaussianDiffusion:
         if len(keep) == self.num_timesteps:
             return self
         return GaussianDiffusion(
-            respaced_betas(self.alphas_cumprod, keep), self.variance_type, timestep_map=keep, min_snr_gamma=self.min_snr_gamma
+            respaced_betas(self.alphas_cumprod, keep),
+            self.variance_type,
+            timestep_map=keep,
+            min_snr_gamma=self.min_snr_gamma,
         )
 
 

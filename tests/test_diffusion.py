@@ -231,6 +231,14 @@ def test_guidance_outside_its_interval_costs_one_forward():
     assert batch_sizes == [3, 6]
 
 
+def test_guidance_takes_an_interval_from_a_config_list():
+    from ditlab.inference import Guidance
+
+    assert Guidance(4.0, None, [0, 500]).interval == (0.0, 500.0)  # comparable with a tuple, hashable
+    with pytest.raises(ValueError, match=r"guidance interval \[0, 500, 900\]; expected \[t_lo, t_hi\]"):
+        Guidance(4.0, None, [0, 500, 900])
+
+
 def test_cfg_wrapper_matches_model_forward_with_cfg_for_dit():
     model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=5)
     with torch.no_grad():

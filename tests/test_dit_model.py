@@ -244,3 +244,16 @@ def test_sdpa_gradients_match_the_math_path():
     assert fused.keys() == math.keys() and len(fused) > 0
     for name in fused:
         assert torch.allclose(fused[name], math[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_label_dropout_draws_from_the_generator_it_is_given():
+    model = randomised(tiny(class_dropout_prob=0.5)).train()
+    x, t, y = torch.randn(16, 4, 8, 8), torch.full((16,), 50), torch.arange(16) % 10
+    state = torch.get_rng_state()
+    out = model(x, t, y, dropout_generator=torch.Generator().manual_seed(3))
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is not drawn from
+    assert torch.equal(out, model(x, t, y, dropout_generator=torch.Generator().manual_seed(3)))
+    dropped = torch.rand(16, generator=torch.Generator().manual_seed(3)) < 0.5
+    assert 0 < dropped.sum() < 16
+    expected = model.eval()(x, t, torch.where(dropped, 10, y))
+    assert torch.allclose(out, expected, atol=1e-6)

@@ -82,16 +82,27 @@ class LabelEmbedder(nn.Module):
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
 
-    def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def token_drop(
+        self,
+        labels: torch.Tensor,
+        force_drop_ids: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         if force_drop_ids is None:
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            drop = torch.rand(labels.shape[0], device=labels.device, generator=generator) < self.dropout_prob
         else:
             drop = force_drop_ids == 1
         return torch.where(drop, self.num_classes, labels)
 
-    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None):
+    def forward(
+        self,
+        labels: torch.Tensor,
+        train: bool,
+        force_drop_ids: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ):
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:
-            labels = self.token_drop(labels, force_drop_ids)
+            labels = self.token_drop(labels, force_drop_ids, generator)
         return self.embedding_table(labels)  # (N, D)
 
 
@@ -238,9 +249,13 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, h * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, dropout_generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``dropout_generator``: where training draws its label dropout (a seeded stream of the run;
+        None: the global RNG, as the official model does)."""
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = H * W / patch_size ** 2
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, generator=dropout_generator)  # (N, D)
         for block in self.blocks:
             x = block(x, c)  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, p * p * C_out)

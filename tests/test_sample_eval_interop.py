@@ -38,6 +38,8 @@ def trained_run(prepared_with_reference, tmp_path_factory):
                 "callbacks.fid.metrics=[fid,kid]",
                 "callbacks.fid.extractor=clf",
                 "diffusion.fast_sampler.steps=4",  # the FID callback's sampler: DPM-Solver++, 4 steps here
+                "callbacks.sample_grid.cfg_scale=3.0",  # the grid's guidance (ditlab.sample's default for this run)
+                "callbacks.sample_grid.guidance_interval=[0,600]",
             ],
         )
     )
@@ -96,6 +98,35 @@ def test_sample_writes_adm_npz_and_evaluate_reads_it(trained_run, prepared_with_
     assert bad.stderr.strip().splitlines()[-1] == (
         "ditlab.sample: error: label 5 is out of range; this model has classes 0..2"
     )
+
+
+def test_sample_draws_a_checkpoint_as_its_run_did_unless_told_otherwise(trained_run, tmp_path):
+    """No sampler, no cfg_scale: the run's own sampler (DDIM, 4 steps) and grid guidance (3.0 on
+    [0, 600]), so ditlab.sample grid=true redraws the run's last grid; an official checkpoint gets
+    DDPM-250 and 1.5 (tested below with explicit choices)."""
+    from PIL import Image
+
+    from ditlab.sample import run_guidance, run_sampler
+
+    out, _ = trained_run
+    result = run_module(
+        "ditlab.sample",
+        [f"ckpt={out / 'checkpoints' / 'last.ckpt'}", "grid=true", "per_class=2", f"out={tmp_path / 'g'}"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ddim x 4 steps, eta=0.0, guidance 3 for t in [0, 600]" in result.stdout + result.stderr
+    ours = np.asarray(Image.open(tmp_path / "g" / "grid.png")).astype(int)
+    theirs = np.asarray(Image.open(out / "samples" / "step_0000003.png")).astype(int)
+    assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 1
+    # without a run config (official checkpoints, diffusers folders): DiT's protocol; steps= still applies
+    none = compose_cfg("sample", ["ckpt=x"])
+    assert (run_sampler(none.sampler, None).name, run_sampler(none.sampler, None).steps) == ("ddpm", 250)
+    fewer = compose_cfg("sample", ["ckpt=x", "sampler.steps=50"])
+    assert run_sampler(fewer.sampler, None).steps == 50
+    assert run_guidance(none, None).scale == 1.5 and run_guidance(none, None).interval is None
+    chosen = compose_cfg("sample", ["ckpt=x", "sampler=dpmpp20", "cfg_scale=2.0"])
+    assert run_sampler(chosen.sampler, None).name == "dpmpp_2m" and run_guidance(chosen, None).scale == 2.0
 
 
 def test_fid_during_training_equals_sample_then_evaluate(trained_run, prepared_with_reference, tmp_path):

@@ -82,6 +82,9 @@ def test_every_other_config_composes(group, tmp_path):
         if group == "diffusion":
             objective = instantiate(cfg.diffusion.objective)
             instantiate(cfg.sampler).check(objective) if option == "ddpm" else None
+        elif group == "sampler" and option == "run":  # ditlab.sample's default: a run refuses it
+            with pytest.raises(Exception, match="is for ditlab.sample"):
+                instantiate(cfg.sampler)
         elif group == "sampler":
             instantiate(cfg.sampler)
         elif group == "optim":
@@ -141,6 +144,8 @@ def test_bad_configs_fail_before_training(prepared, tmp_path):
         build(compose_run(prepared, tmp_path / "r", extra=["model.num_classes=1000"]))
     with pytest.raises(ConfigError, match="unknown sampler 'fast'"):
         build(compose_run(prepared, tmp_path / "r", extra=["sampler.name=fast"]))
+    with pytest.raises(ConfigError, match=r"sampler=run \(a checkpoint's own sampler\) is for ditlab.sample"):
+        build(compose_run(prepared, tmp_path / "r", extra=["sampler=run"]))
     with pytest.raises(ConfigError, match="FlowMatching supports"):
         build(compose_run(prepared, tmp_path / "r", extra=["diffusion=flow", "sampler=dpmpp20"]))
 

@@ -42,6 +42,13 @@ class Guidance:
                 raise ValueError(f"guidance interval {list(self.interval)}; expected [t_lo, t_hi]")
             object.__setattr__(self, "interval", tuple(float(v) for v in self.interval))
 
+    def describe(self) -> str:
+        if self.scale == 1.0:
+            return "no guidance"
+        where = "" if self.interval is None else f" for t in [{self.interval[0]:g}, {self.interval[1]:g}]"
+        channels = "" if self.channels is None else f" on the first {self.channels} channels"
+        return f"guidance {self.scale:g}{channels}{where}"
+
     def wrap(self, net: Callable, null_label: int, in_channels: int) -> CFGModel:
         return CFGModel(net, self.scale, null_label, in_channels, self.channels, self.interval)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ditlab.cli import exit_on_error, hydra_command
@@ -23,6 +23,32 @@ from ditlab.inference import Guidance, check_labels, generate, load_model, sampl
 
 log = logging.getLogger("ditlab.sample")
 FORMATS = ("npz", "png", "both")
+
+
+# What official checkpoints and diffusers folders sample with by default (DiT's FID protocol).
+OFFICIAL_SAMPLER = {"_target_": "ditlab.diffusion.Sampler", "name": "ddpm", "steps": 250}
+OFFICIAL_CFG_SCALE = 1.5
+
+
+def run_sampler(sampler_cfg: DictConfig, run_cfg: DictConfig | None) -> DictConfig:
+    """``sampler=run``: the checkpoint run's own sampler config (what its grids used), with the
+    given ``steps`` if any; DDPM-250 without a run config. Any other choice as given."""
+    if sampler_cfg.name != "run":
+        return sampler_cfg
+    own = run_cfg.sampler if run_cfg is not None and "sampler" in run_cfg else OmegaConf.create(OFFICIAL_SAMPLER)
+    given = {k: v for k, v in sampler_cfg.items() if k not in ("_target_", "name") and v is not None}
+    return OmegaConf.merge(own, given)
+
+
+def run_guidance(cfg: DictConfig, run_cfg: DictConfig | None) -> Guidance:
+    """The given guidance, or with ``cfg_scale=null`` the run's grid guidance (scale, channels,
+    interval: what its grids showed), 1.5 everywhere without one."""
+    if cfg.cfg_scale is not None:
+        return Guidance(cfg.cfg_scale, cfg.guided_channels, cfg.guidance_interval)
+    grid = OmegaConf.select(run_cfg, "callbacks.sample_grid") if run_cfg is not None else None
+    if grid is None:
+        return Guidance(OFFICIAL_CFG_SCALE)
+    return Guidance(grid.cfg_scale, grid.get("guided_channels"), grid.get("guidance_interval"))
 
 
 def _labels(cfg, num_classes: int, count: int) -> torch.Tensor:
@@ -50,15 +76,19 @@ def run(cfg: DictConfig) -> Path:
         raise ValueError(f"format={cfg.format!r}; expected one of {FORMATS}")
     if cfg.num_samples < 1:
         raise ValueError(f"num_samples={cfg.num_samples} must be >= 1")
-    guidance = Guidance(cfg.cfg_scale, cfg.guided_channels, cfg.guidance_interval)
+    # Given guidance is checked before anything is loaded; cfg_scale=null waits for the run's config.
+    guidance = (
+        Guidance(cfg.cfg_scale, cfg.guided_channels, cfg.guidance_interval) if cfg.cfg_scale is not None else None
+    )
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.backends.cuda.matmul.allow_tf32 = True
     bundle = load_model(cfg.ckpt, cfg.ema, cfg.vae_path)
-    sampler = instantiate(cfg.sampler)
+    sampler = instantiate(run_sampler(cfg.sampler, bundle.run_config))
     sampler.check(bundle.objective)
+    guidance = guidance or run_guidance(cfg, bundle.run_config)
     if cfg.grid:
         classes = min(bundle.num_classes, cfg.max_classes)
         labels = torch.arange(classes).repeat_interleave(cfg.per_class)  # one row per class
@@ -68,7 +98,7 @@ def run(cfg: DictConfig) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     bundle.to(device)
-    log.info(f"{bundle.source}; {sampler.describe()}, cfg {cfg.cfg_scale}; writing to {out}")
+    log.info(f"{bundle.source}; {sampler.describe()}, {guidance.describe()}; writing to {out}")
 
     if cfg.grid:
         return _grid(bundle, sampler, guidance, labels, cfg, device, out)

@@ -182,6 +182,10 @@ class Sampler:
     the sampler's own options (``eta`` for ddim). ``sampler(model, objective, x, model_kwargs, noise)``."""
 
     def __init__(self, name: str = "ddpm", steps: int = 250, **options):
+        if name == "run":
+            raise ValueError(
+                f"sampler=run (a checkpoint's own sampler) is for ditlab.sample; expected one of {tuple(SAMPLERS)}"
+            )
         if name not in SAMPLERS:
             raise ValueError(f"unknown sampler {name!r}; expected one of {tuple(SAMPLERS)}")
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:

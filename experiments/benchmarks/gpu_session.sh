@@ -19,7 +19,7 @@ stage() {
   local start=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "rc=$? after $((SECONDS - start)) s"
-  grep -E '^\||^# |^PASS|^FAIL|Error|error:' "$OUT/$name.log" | grep -v Warning | tail -25
+  grep -E '^\||^# |^PASS|^FAIL|^objective|^GaussianDiffusion|^FlowMatching|Error|error:' "$OUT/$name.log" | grep -v Warning | tail -25
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -32,5 +32,6 @@ stage xl2_b256_ac 130 python3 -m ditlab.bench train --models "$BIG" --size "$SIZ
 stage xl2_b32_fsdp 130 python3 -m ditlab.bench train --models "$BIG" --size "$SIZE" --batches 32 --trainer fsdp --override trainer.devices=1 --official off
 stage xl2_b128 120 python3 -m ditlab.bench train --models "$BIG" --size "$SIZE" --batches 128 --official off
 stage xl2_b32_profile 120 python3 -m ditlab.bench train --models "$BIG" --size "$SIZE" --batches 32 --official off --steps 3 --profile "$OUT"
+stage xl2_sampling 100 python3 -m ditlab.bench sampling --model "$BIG" --size "$SIZE" --batch 32 --samplers ddpm:250,dpmpp_2m:20
 stage data_fmnist 60 python3 -m ditlab.bench data --size "$SMALL_SIZE" --batch 256 --workers 4 --count 20000
 date -u

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from ditlab.data.datamodule import LatentDataModule, latents_from_block
@@ -107,20 +108,15 @@ def test_prepare_rerun_skips_finished_work(tmp_path, caplog):
 
 def test_prepare_small_kl_vae_trains_saves_and_reloads(tmp_path):
     folder = make_image_folder(tmp_path / "images", corrupt=False, per_class=6)
-    cfg = prepare_cfg(
-        tmp_path,
-        folder,
-        vae="small_kl",
-        extra=[
-            "vae.codec.train_seconds=20",
-            "vae.codec.max_steps=3",
-            "vae.codec.batch_size=4",
-            "vae.codec.block_out_channels=[8,8]",
-            "vae.codec.norm_num_groups=4",
-            "vae.codec.scale_samples=8",
-        ],
-    )
-    out = prepare_dataset(cfg)
+    recipe = [
+        "vae.codec.train_seconds=20",
+        "vae.codec.max_steps=3",
+        "vae.codec.batch_size=4",
+        "vae.codec.block_out_channels=[8,8]",
+        "vae.codec.norm_num_groups=4",
+        "vae.codec.scale_samples=8",
+    ]
+    out = prepare_dataset(prepare_cfg(tmp_path, folder, vae="small_kl", extra=recipe))
     meta = json.loads((out / "meta.json").read_text())
     assert meta["latent_format"] == "posterior" and meta["latent_shape"] == [4, 8, 8]
     assert (out / "vae" / "diffusion_pytorch_model.safetensors").is_file()
@@ -130,6 +126,16 @@ def test_prepare_small_kl_vae_trains_saves_and_reloads(tmp_path):
     assert (items[0]["latent"][:, 1] > 0).all()  # std
     codec = codec_from_meta(meta, out)
     assert codec.decode(torch.zeros(2, 4, 8, 8)).shape == (2, 3, 16, 16)
+    # the recipe is recorded: another recipe is not handed the cached VAE nor the prepared latents
+    recorded = json.loads((out / "vae" / "ditlab_vae.json").read_text())["recipe"]
+    assert recorded["max_steps"] == 3 and recorded["block_out_channels"] == [8, 8]
+    other = prepare_cfg(tmp_path, folder, vae="small_kl", extra=[*recipe, "vae.codec.max_steps=4"])
+    with pytest.raises(ValueError, match=r"vae.codec.max_steps=4 but .*vae holds a VAE trained with max_steps=3"):
+        prepare_dataset(other)  # already prepared, but not with this VAE
+    with pytest.raises(ValueError, match="vae.codec.max_steps=4 but"):
+        instantiate(other.vae.codec).fit_or_load(None, out / "vae")  # the cache itself
+    again = prepare_cfg(tmp_path, folder, vae="small_kl", extra=[*recipe, "vae.codec.train_seconds=30"])
+    assert prepare_dataset(again) == out  # the same recipe (train_seconds is only a guard): nothing to do
 
 
 def test_shard_writers_of_two_ranks_use_distinct_files_and_merge(tmp_path):

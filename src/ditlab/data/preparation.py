@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 import ditlab
 from ditlab.data.extract import extract_split
-from ditlab.data.shards import META_FILE, count_items, split_is_complete, write_json_atomic
+from ditlab.data.shards import META_FILE, count_items, read_meta, split_is_complete, write_json_atomic
 from ditlab.metrics.reference import compute_reference
 
 log = logging.getLogger("ditlab.prepare")
@@ -40,6 +40,9 @@ def prepare_dataset(cfg: DictConfig) -> Path:
     reference = cfg.data.get("reference")
     make_source = instantiate(cfg.data.source, _partial_=True)
     if (out_dir / META_FILE).is_file():
+        from ditlab.training.preflight import check_vae_matches
+
+        check_vae_matches(cfg.vae, read_meta(out_dir), out_dir)  # prepared with another VAE: say so, not "done"
         missing_reference = (
             reference and reference.extractor and not (out_dir / f"reference_{reference.extractor}.npz").is_file()
         )

@@ -48,12 +48,28 @@ class SmallVAERecipe:
         self.scale_samples = scale_samples
         self.lr_decay = lr_decay
 
+    def recipe(self) -> dict:
+        """What decides the trained VAE (``train_seconds`` is a guard, not part of it)."""
+        return {
+            "latent_channels": self.latent_channels,
+            "block_out_channels": list(self.block_out_channels),
+            "norm_num_groups": self.norm_num_groups,
+            "max_steps": self.max_steps,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "kl_weight": self.kl_weight,
+            "seed": self.seed,
+            "scale_samples": self.scale_samples,
+            "lr_decay": self.lr_decay,
+        }
+
     def fit_or_load(self, dataset, out_dir: str | Path, device: str | torch.device = "cpu", log=print) -> PretrainedVAE:
         out_dir = Path(out_dir)
         info_file = out_dir / "ditlab_vae.json"
         if not info_file.exists():
             self._fit(dataset, out_dir, torch.device(device), log)
         info = json.loads(info_file.read_text())
+        check_recipe(info, self.recipe(), out_dir)  # a cached VAE of another recipe is not reused silently
         vae = PretrainedVAE(str(out_dir), scale_factor=info["scale_factor"]).to(device)
         vae.kind = self.kind
         return vae
@@ -107,7 +123,13 @@ class SmallVAERecipe:
         # Written to a temp dir and renamed, so an interrupted run never leaves a half VAE behind.
         tmp = out_dir.with_name(out_dir.name + f".tmp-{time.time_ns()}")
         model.save_pretrained(tmp, safe_serialization=True)
-        info = {"scale_factor": scale, "steps": step, "seconds": round(time.time() - start, 1), "val_psnr_db": psnr}
+        info = {
+            "scale_factor": scale,
+            "steps": step,
+            "seconds": round(time.time() - start, 1),
+            "val_psnr_db": psnr,
+            "recipe": self.recipe(),
+        }
         (tmp / "ditlab_vae.json").write_text(json.dumps(info, indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -124,6 +146,20 @@ class SmallVAERecipe:
         for chunk in images.split(500):
             zs.append(model.encode(chunk.to(device)).latent_dist.sample(generator=generator).cpu())
         return float(1.0 / torch.cat(zs).std())
+
+
+def check_recipe(info: dict, recipe: dict, vae_dir: Path) -> None:
+    """Raise when the VAE in ``vae_dir`` (its ``ditlab_vae.json``: ``info``) was trained with another
+    recipe than ``recipe`` (the config's). VAEs cached before the recipe was recorded pass."""
+    stored = info.get("recipe")
+    if stored is None:
+        return
+    for key, value in recipe.items():
+        if key in stored and stored[key] != value:
+            raise ValueError(
+                f"vae.codec.{key}={value} but {vae_dir} holds a VAE trained with {key}={stored[key]}; expected "
+                f"the same recipe, or another data.prepared_dir (or delete {vae_dir.parent} to prepare it again)"
+            )
 
 
 def _images_only(batch):

@@ -1,5 +1,6 @@
 """ditlab.train end to end on tiny configs: composition, a short run, resume, DDP, bad input."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -236,19 +237,54 @@ def test_ema_follows_a_network_whose_tensors_were_replaced():
         ema.update(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)))
 
 
-def test_a_training_step_leaves_the_global_rng_alone(tmp_path):
-    """Every draw of a step comes from its own stream: label dropout too (a generator handed to the
-    model, not a torch.manual_seed per step, which also cost 1-2 ms of host time a step)."""
-    from lightning import Callback, Trainer
+def _fit_tiny(net, tmp_path, callbacks=(), steps=3):
+    """``steps`` DiTModule steps of ``net`` (8x4x4x4 latents, 10 classes) on fixed batches; the module."""
+    from lightning import Trainer
 
-    cfg = compose_cfg("train", ["model=dit_tiny", "model.input_size=4", f"paths.output_dir={tmp_path}"])
+    cfg = compose_cfg("train", [f"paths.output_dir={tmp_path}"])
     module = instantiate(
         cfg.module,
-        net=instantiate(cfg.model),
+        net=net,
         objective=instantiate(cfg.diffusion.objective),
         optimizer=instantiate(cfg.optim.optimizer),
         scheduler=None,
     )
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 4, 4, 4, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(steps)]
+    trainer = Trainer(
+        accelerator="cpu", max_steps=steps, callbacks=list(callbacks), logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    return module
+
+
+def test_another_backbone_gets_the_same_label_dropout_stream(tmp_path):
+    """A network whose forward is (x, t, y) (no dropout_generator) draws its label dropout from the
+    global RNG: the module seeds it with the same stream, so it trains exactly as the DiT does."""
+    from ditlab.models.dit import DiT
+
+    class Backbone(torch.nn.Module):  # e.g. a researcher's own model; here the DiT behind a plain forward
+        def __init__(self, dit):
+            super().__init__()
+            self.dit, self.blocks = dit, dit.blocks
+
+        def forward(self, x, t, y):
+            return self.dit(x, t, y)
+
+    torch.manual_seed(0)
+    dit = DiT(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    wrapped = Backbone(copy.deepcopy(dit))
+    plain = _fit_tiny(dit, tmp_path / "a").net
+    other = _fit_tiny(wrapped, tmp_path / "b").net.dit
+    for (name, a), b in zip(plain.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_training_step_leaves_the_global_rng_alone(tmp_path):
+    """Every draw of a step comes from its own stream: label dropout too (a generator handed to the
+    model, not a torch.manual_seed per step, which also cost 1-2 ms of host time a step)."""
+    from lightning import Callback
 
     class Watch(Callback):
         steps = 0
@@ -260,10 +296,6 @@ def test_a_training_step_leaves_the_global_rng_alone(tmp_path):
             assert torch.equal(torch.get_rng_state(), self.state)
             Watch.steps += 1
 
-    batches = [(torch.randn(8, 4, 4, 4), torch.randint(0, 10, (8,))) for _ in range(3)]
-    trainer = Trainer(
-        accelerator="cpu", max_steps=3, callbacks=[Watch()], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    cfg = compose_cfg("train", ["model=dit_tiny", "model.input_size=4", f"paths.output_dir={tmp_path}"])
+    _fit_tiny(instantiate(cfg.model), tmp_path, callbacks=[Watch()])
     assert Watch.steps == 3

@@ -15,7 +15,7 @@ import torch
 from lightning import LightningModule
 from torchmetrics.aggregation import MeanMetric
 
-from ditlab.seeding import stream_generator
+from ditlab.seeding import stream_generator, stream_seed
 from ditlab.training.ema import EMA
 from ditlab.training.nonfinite import NonFiniteSteps, skips_on_device
 from ditlab.training.parallel import checkpointed_blocks, is_sharded, parallelize
@@ -69,6 +69,9 @@ class DiTModule(LightningModule):
         self._logging = False
         self.train_means = torch.nn.ModuleDict()  # logged training values: running means between logs
         self._parallelized = False
+        # Whether the network draws its label dropout from a generator it is handed (ditlab's DiT);
+        # another backbone (forward(x, t, y)) gets its stream through the global RNG instead.
+        self._takes_dropout_generator = "dropout_generator" in inspect.signature(net.forward).parameters
 
     # ------------------------------------------------------------ set-up from outside the model
     def configure_model(self) -> None:
@@ -121,8 +124,11 @@ class DiTModule(LightningModule):
         # Label dropout draws inside the model from its own stream. Handed as a generator, not by
         # reseeding the global RNG: torch.manual_seed also queues a seed for every lazy accelerator
         # backend (CUDA, XPU, MTIA), formatting a stack trace for each: ~1-2 ms of host time a step.
-        dropout = stream_generator(device, self.seed, "label_dropout", *at)
-        model_kwargs = {"y": labels, "dropout_generator": dropout}
+        model_kwargs = {"y": labels}
+        if self._takes_dropout_generator:
+            model_kwargs["dropout_generator"] = stream_generator(device, self.seed, "label_dropout", *at)
+        else:  # the same numbers, the slow way
+            torch.manual_seed(stream_seed(self.seed, "label_dropout", *at))
         terms = self.objective.training_losses(self.net, latents, t, model_kwargs, noise=noise)
         loss = terms["loss"].mean()
         # Every step adds to a running mean on the device (no sync); only on the steps the loggers

@@ -283,7 +283,7 @@ def test_another_backbone_gets_the_same_label_dropout_stream(tmp_path):
 
 def test_a_training_step_leaves_the_global_rng_alone(tmp_path):
     """Every draw of a step comes from its own stream: label dropout too (a generator handed to the
-    model, not a torch.manual_seed per step, which also cost 1-2 ms of host time a step)."""
+    model, not a torch.manual_seed per step, which also cost 0.3-1 ms of host time a step)."""
     from lightning import Callback
 
     class Watch(Callback):

@@ -124,9 +124,9 @@ def test_sample_draws_a_checkpoint_as_its_run_did_unless_told_otherwise(trained_
     assert (run_sampler(none.sampler, None).name, run_sampler(none.sampler, None).steps) == ("ddpm", 250)
     fewer = compose_cfg("sample", ["ckpt=x", "sampler.steps=50"])
     assert run_sampler(fewer.sampler, None).steps == 50
-    assert run_guidance(none, None).scale == 1.5 and run_guidance(none, None).interval is None
-    chosen = compose_cfg("sample", ["ckpt=x", "sampler=dpmpp20", "cfg_scale=2.0"])
-    assert run_sampler(chosen.sampler, None).name == "dpmpp_2m" and run_guidance(chosen, None).scale == 2.0
+    assert run_guidance(None).scale == 1.5 and run_guidance(None).interval is None
+    chosen = compose_cfg("sample", ["ckpt=x", "sampler=dpmpp20"])
+    assert run_sampler(chosen.sampler, None).name == "dpmpp_2m"
 
 
 def test_fid_during_training_equals_sample_then_evaluate(trained_run, prepared_with_reference, tmp_path):

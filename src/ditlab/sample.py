@@ -40,11 +40,9 @@ def run_sampler(sampler_cfg: DictConfig, run_cfg: DictConfig | None) -> DictConf
     return OmegaConf.merge(own, given)
 
 
-def run_guidance(cfg: DictConfig, run_cfg: DictConfig | None) -> Guidance:
-    """The given guidance, or with ``cfg_scale=null`` the run's grid guidance (scale, channels,
-    interval: what its grids showed), 1.5 everywhere without one."""
-    if cfg.cfg_scale is not None:
-        return Guidance(cfg.cfg_scale, cfg.guided_channels, cfg.guidance_interval)
+def run_guidance(run_cfg: DictConfig | None) -> Guidance:
+    """``cfg_scale=null``: the checkpoint run's grid guidance (scale, channels, interval: what its
+    grids showed); 1.5 everywhere without a run config (official checkpoints, diffusers folders)."""
     grid = OmegaConf.select(run_cfg, "callbacks.sample_grid") if run_cfg is not None else None
     if grid is None:
         return Guidance(OFFICIAL_CFG_SCALE)
@@ -77,9 +75,8 @@ def run(cfg: DictConfig) -> Path:
     if cfg.num_samples < 1:
         raise ValueError(f"num_samples={cfg.num_samples} must be >= 1")
     # Given guidance is checked before anything is loaded; cfg_scale=null waits for the run's config.
-    guidance = (
-        Guidance(cfg.cfg_scale, cfg.guided_channels, cfg.guidance_interval) if cfg.cfg_scale is not None else None
-    )
+    given = cfg.cfg_scale is not None
+    guidance = Guidance(cfg.cfg_scale, cfg.guided_channels, cfg.guidance_interval) if given else None
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -88,7 +85,8 @@ def run(cfg: DictConfig) -> Path:
     bundle = load_model(cfg.ckpt, cfg.ema, cfg.vae_path)
     sampler = instantiate(run_sampler(cfg.sampler, bundle.run_config))
     sampler.check(bundle.objective)
-    guidance = guidance or run_guidance(cfg, bundle.run_config)
+    if not given:
+        guidance = run_guidance(bundle.run_config)
     if cfg.grid:
         classes = min(bundle.num_classes, cfg.max_classes)
         labels = torch.arange(classes).repeat_interleave(cfg.per_class)  # one row per class

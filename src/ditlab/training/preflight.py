@@ -70,14 +70,13 @@ def check_vae_matches(vae_cfg, meta: dict, prepared_dir) -> None:
             f"vae={vae_cfg.name} ({kind}) but {prepared_dir} holds {stored['kind']} latents; "
             "expected the vae it was prepared with"
         )
-    if kind == "small_kl" and (Path(prepared_dir) / "vae" / "ditlab_vae.json").is_file():
+    vae_info = Path(prepared_dir) / "vae" / "ditlab_vae.json"  # the small VAE prepare trained, and its recipe
+    if kind == "small_kl" and vae_info.is_file():
         from hydra.utils import instantiate
 
         from ditlab.training.fit_vae import check_recipe
 
-        vae_dir = Path(prepared_dir) / "vae"
-        info = json.loads((vae_dir / "ditlab_vae.json").read_text())
-        check_recipe(info, instantiate(vae_cfg.codec).recipe(), vae_dir)
+        check_recipe(json.loads(vae_info.read_text()), instantiate(vae_cfg.codec).recipe(), vae_info.parent)
     if kind == "pretrained" and stored.get("path") and stored["path"] != vae_cfg.codec.path:
         raise ValueError(
             f"vae.codec.path={vae_cfg.codec.path} but {prepared_dir} was encoded with {stored['path']}; "

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install train test test-slow lint bench clean
+.PHONY: install train test test-unit test-slow lint bench clean
 
 install: $(STAMP) fashion-mnist
 
@@ -30,8 +30,12 @@ fashion-mnist:
 train: install
 	$(PY) -m ditlab.train experiment=fmnist_cpu
 
+# unit + integration (pyproject's addopts leave out `slow`): about 10 minutes on 2 cores
 test: install
 	$(PY) -m pytest -q
+
+test-unit: install
+	$(PY) -m pytest -q -m unit
 
 test-slow: install
 	$(PY) -m pytest -q -m slow

@@ -1,12 +1,24 @@
-"""Shared test helpers: tiny image folders and composed configs (the real conf/, tiny overrides)."""
+"""Shared test helpers: tiny image folders, composed configs (the real conf/, tiny overrides), tiny
+runs in-process or as commands, and exact comparisons of their checkpoints."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
 from PIL import Image
+
+from ditlab.data.prepared import PreparedDir
+from ditlab.prepare import prepare_from_config
+from ditlab.runtime import faults
+from ditlab.train import train
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "src" / "ditlab" / "conf")
 
@@ -35,10 +47,6 @@ def compose_cfg(config_name: str, overrides: list[str]):
 def prepare_tiny_folder(tmp: Path, reference: str | None = None) -> Path:
     """Identity-VAE 'latents' (3, 8, 8) of a tiny 3-class image folder (16 images a class, 25% val);
     ``reference="clf"`` also trains a 2-second classifier and writes its FID reference statistics."""
-    from omegaconf import open_dict
-
-    from ditlab.data.preparation import prepare_dataset
-
     folder = make_image_folder(tmp / "images", per_class=16, size=(8, 8), corrupt=False)
     overrides = [
         "data=folder",
@@ -55,13 +63,11 @@ def prepare_tiny_folder(tmp: Path, reference: str | None = None) -> Path:
     cfg = compose_cfg("prepare", overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp)
-    return prepare_dataset(cfg)
+    return prepare_from_config(cfg)
 
 
 def randomised(model):
     """Non-zero weights everywhere (DiT starts with a zero output), pos_embed untouched, eval mode."""
-    import torch
-
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name != "pos_embed":
@@ -88,3 +94,155 @@ def tiny_overrides(prepared, root, steps=4, extra=()):
         "callbacks.throughput.window_steps=2",
         *extra,
     ]
+
+
+def compose_run(prepared, out_dir: Path, steps: int = 4, extra=()):
+    """The tiny run's config with its run dir at ``out_dir``."""
+    cfg = compose_cfg("train", tiny_overrides(prepared, out_dir.parent, steps, extra))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out_dir)
+    return cfg
+
+
+def prepare_cfg(tmp_path: Path, folder: Path, vae: str = "identity", extra=()):
+    """``ditlab.prepare`` of an image folder at 16x16 (20% val), into ``tmp_path/prepared``."""
+    cfg = compose_cfg(
+        "prepare",
+        [
+            "data=folder",
+            f"data.source.root={folder}",
+            "data.source.image_size=16",
+            "data.source.val_fraction=0.2",
+            f"vae={vae}",
+            f"data.prepared_dir={tmp_path / 'prepared'}",
+            "encode.num_workers=0",
+            "encode.progress=false",
+            "encode.batch_size=8",
+            "data.reference.extractor=null",
+            *extra,
+        ],
+    )
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    return cfg
+
+
+def read_meta(prepared) -> dict:
+    return PreparedDir(prepared).read_meta()
+
+
+# ------------------------------------------------------------------ runs for the fault tests
+# A fast EMA (decay 0.5) and lr 1e-2 make every update visible: an EMA one update behind, or a
+# resumed run that redraws a different random stream, changes the compared tensors.
+STEPS = 8
+FAST = [
+    "module.ema_decay=0.5",
+    "optim.optimizer.lr=1e-2",
+    "callbacks.sample_grid=null",
+    "callbacks.fid=null",
+    "callbacks.checkpoint.every_n_train_steps=2",
+    "callbacks.checkpoint.keep_last=0",
+    "ckpt_path=last",
+    "+callbacks.faults._target_=ditlab.runtime.faults.FaultInjection",  # DITLAB_FAULT's batch and step points
+]
+
+
+def fault_overrides(prepared, root: Path, steps: int = STEPS, extra=()) -> list[str]:
+    return tiny_overrides(prepared, root, steps, [*FAST, *extra])
+
+
+def compose_fault_run(prepared, out_dir: Path, steps: int = STEPS, extra=()):
+    cfg = compose_cfg("train", fault_overrides(prepared, out_dir.parent, steps, extra))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out_dir)
+    return cfg
+
+
+def train_in_process(cfg):
+    faults.reset()
+    return train(cfg)
+
+
+def cli_env(**extra) -> dict:
+    # The same thread count as this process: CPU float reductions then match bit for bit.
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+        "WANDB_MODE": "offline",
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    }
+
+
+def run_command(module: str, args: list[str], cwd: Path, timeout: float = 120, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=cli_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def train_cli(prepared, out_dir: Path, steps: int = STEPS, extra=(), timeout: float = 120, **env):
+    args = [*fault_overrides(prepared, out_dir.parent, steps, extra), f"hydra.run.dir={out_dir}"]
+    return run_command("ditlab.train", args, out_dir.parent, timeout, **env)
+
+
+def full_state(path: Path) -> dict[str, torch.Tensor]:
+    """Weights, EMA, optimizer and LR-scheduler state of a checkpoint, flattened to named tensors."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    flat = {f"state_dict/{k}": v for k, v in ckpt["state_dict"].items()}
+
+    def walk(prefix, obj):
+        if isinstance(obj, torch.Tensor):
+            flat[prefix] = obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}/{k}", v)
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(f"{prefix}/{i}", v)
+        elif isinstance(obj, (int, float)):
+            flat[prefix] = torch.tensor(obj)
+
+    walk("optimizer", ckpt["optimizer_states"])
+    walk("lr_schedulers", ckpt.get("lr_schedulers", []))
+    flat["global_step"] = torch.tensor(ckpt["global_step"])
+    return flat
+
+
+def assert_same_state(a: Path, b: Path) -> None:
+    sa, sb = full_state(a), full_state(b)
+    assert sa.keys() == sb.keys()
+    assert any(k.startswith("state_dict/ema.net.") for k in sa) and any(k.startswith("optimizer/") for k in sa)
+    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def temps(directory: Path) -> list[Path]:
+    return list(directory.glob(".*.tmp-*")) if directory.is_dir() else []
+
+
+def run_cli(args, cwd, timeout=300, module="ditlab.train"):
+    """``python -m <module> args`` in ``cwd``, W&B offline; the CompletedProcess."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def invoke_main(main, prog: str, args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """A command's Hydra main run in this process, as ``prog args`` would run it (a fresh process
+    costs seconds of imports): (exit code, stdout, stderr)."""
+    GlobalHydra.instance().clear()
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", [prog, *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as stop:
+        code = stop.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -28,10 +28,12 @@ def train(prepared, root, run_name, steps, extra):
         steps=steps,
         extra=[
             f"run_name={run_name}",
-            "callbacks.fid.extractor=clf",
-            "callbacks.fid.num_samples=6",
-            "callbacks.fid.batch_size=4",
-            "diffusion.fast_sampler.steps=3",
+            "fid_protocol.extractor=clf",
+            "fid_protocol.num_samples=6",
+            "fid_protocol.batch_size=4",
+            "+fid_protocol.sampler._target_=ditlab.diffusion.Sampler",
+            "+fid_protocol.sampler.name=dpmpp_2m",
+            "+fid_protocol.sampler.steps=3",
             *extra,
         ],
     )
@@ -73,14 +75,14 @@ def main(extra):
     out = root / "sampled"
     result = subprocess.run(
         [sys.executable, "-m", "ditlab.sample", f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "num_samples=2",
-         "sampler=ddim50", "sampler.steps=2", f"out={out}"],
+         "sampler=ddim50", "steps=2", f"out={out}"],
         cwd=root, capture_output=True, text=True,
     )  # fmt: skip
     report("ditlab.sample on the sharded checkpoint", (out / "samples_2x8x8x3.npz").is_file(), _tail(result))
     try:
-        from ditlab.interop.diffusers_dit import export_checkpoint
+        from ditlab.pipelines.export import export_transformer
 
-        export_checkpoint(run / "checkpoints" / "last.ckpt", root / "diffusers")
+        export_transformer(run / "checkpoints" / "last.ckpt", root / "diffusers")
         report("diffusers export", (root / "diffusers").is_dir())
     except Exception as error:  # noqa: BLE001 - reported, the other stages still run
         report("diffusers export", False, repr(error))

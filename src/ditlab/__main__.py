@@ -1,5 +1,5 @@
 """``python -m ditlab <command> ...`` is ``ditlab <command> ...``."""
 
-from ditlab.command import main
+from ditlab.cli import main
 
 main()

@@ -1,56 +1,40 @@
 """The one generation path, and loading what it needs from a checkpoint.
 
-``generate`` is used by ``ditlab.sample``, the sample-grid callback and the FID callback alike:
+``generate`` is used by ``ditlab.sample``, the sample-grid callback and the FID protocol alike:
 guidance wraps the network, every sample's noise comes from its own stream (seed, sample index),
 the sampler runs, the codec decodes. Because the noise of sample i depends on i only, the images
 do not depend on the batch size or on how many ranks share the work.
 
-``load_model`` reads a ditlab Lightning checkpoint (the resolved run config is inside it) or an
-official DiT checkpoint (paired with the SD VAE it was trained with). Always on the CPU first,
-weights only.
+``load_model`` reads a ditlab training checkpoint (the resolved training config is inside it), an
+official DiT checkpoint (paired with the SD VAE it was trained with) or a diffusers folder, through
+the one weights reader (``ditlab.models.weights``): on the CPU first, weights only.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torchvision.utils import make_grid, save_image
 
-from ditlab.diffusion import CFGModel, Sampler, create_diffusion
+from ditlab.data.prepared import PreparedDir
+from ditlab.diffusion import Guidance, Sampler, create_diffusion
 from ditlab.diffusion.samplers import samplers_for
-from ditlab.models.official import load_official_checkpoint
+from ditlab.models.dit import DiT
+from ditlab.models.vae import SD_SCALE_FACTOR, IdentityVAE, PretrainedVAE, codec_from_record
+from ditlab.models.weights import read_dit_weights
+from ditlab.runtime.checkpoints import check_checkpoint_fits
+from ditlab.runtime.files import atomic_path
 from ditlab.seeding import per_sample_normal, stream_seed
 
-
-@dataclass(frozen=True)
-class Guidance:
-    """Classifier-free guidance settings: ``scale`` 1.0 is none; ``channels`` None guides every latent
-    channel (3: the official FID-2.27 protocol); ``interval`` (t_lo, t_hi) in model time units."""
-
-    scale: float = 1.0
-    channels: int | None = None
-    interval: tuple[float, float] | None = None
-
-    def __post_init__(self):
-        if self.scale < 0:
-            raise ValueError(f"cfg_scale={self.scale}; expected a number >= 0 (1.0: no guidance)")
-        if self.interval is not None:  # a config list -> a comparable, hashable pair
-            if len(self.interval) != 2:
-                raise ValueError(f"guidance interval {list(self.interval)}; expected [t_lo, t_hi]")
-            object.__setattr__(self, "interval", tuple(float(v) for v in self.interval))
-
-    def describe(self) -> str:
-        if self.scale == 1.0:
-            return "no guidance"
-        where = "" if self.interval is None else f" for t in [{self.interval[0]:g}, {self.interval[1]:g}]"
-        channels = "" if self.channels is None else f" on the first {self.channels} channels"
-        return f"guidance {self.scale:g}{channels}{where}"
-
-    def wrap(self, net: Callable, null_label: int, in_channels: int) -> CFGModel:
-        return CFGModel(net, self.scale, null_label, in_channels, self.channels, self.interval)
+# What a checkpoint without a training config (official, diffusers) samples with: DiT's FID protocol.
+OFFICIAL_SAMPLER = Sampler("ddpm", 250)
+OFFICIAL_GUIDANCE = Guidance(1.5)
 
 
 def sample_labels(num_classes: int, count: int, seed: int) -> torch.Tensor:
@@ -117,6 +101,23 @@ def generate(
     return torch.cat(outputs) if outputs else torch.empty(0, *latent_shape)
 
 
+# ---------------------------------------------------------------------------------------- grids
+def grid_labels(num_classes: int, per_class: int, max_classes: int) -> torch.Tensor:
+    """``per_class`` samples of each of the first ``max_classes`` classes, class by class (a row each)."""
+    return torch.arange(min(num_classes, max_classes)).repeat_interleave(per_class)
+
+
+def grid_image(images: torch.Tensor, per_class: int) -> torch.Tensor:
+    """Images (N, C, H, W) in [-1, 1], ``per_class`` a row -> one (3, H', W') picture in [0, 1]."""
+    return make_grid((images + 1) / 2, nrow=per_class, padding=2, pad_value=1.0)
+
+
+def save_grid(grid: torch.Tensor, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        save_image(grid, tmp, format="png")
+    return Path(path)
+
+
 # ---------------------------------------------------------------------------------------- loading
 @dataclass
 class ModelBundle:
@@ -128,7 +129,7 @@ class ModelBundle:
     num_classes: int
     latent_shape: tuple[int, int, int]
     source: str
-    run_config: object | None = None  # the ditlab run's resolved config, when there is one
+    train_config: DictConfig | None = None  # the ditlab run's resolved training config, when there is one
 
     def to(self, device):
         self.net.to(device)
@@ -149,14 +150,15 @@ class ModelBundle:
 
         Notebook shorthands: ``sampler`` a number of steps (the objective's first deterministic
         sampler: DDIM, or Heun for flow matching), ``guidance`` a cfg scale:
-        ``model.generate([0, 1], 50, 4.0, seed=0)``. Default: DDPM with 250 steps, no guidance."""
+        ``model.generate([0, 1], 50, 4.0, seed=0)``. Default: the checkpoint's own sampler
+        (``own_sampler``), no guidance."""
         labels = torch.as_tensor(labels, dtype=torch.long)
         if isinstance(sampler, int):
             name = "ddim" if "ddim" in samplers_for(self.objective) else "flow_heun"
             sampler = Sampler(name, sampler)
         if not isinstance(guidance, Guidance):
             guidance = Guidance(float(guidance))
-        sampler = sampler or Sampler("ddpm", 250)
+        sampler = sampler or self.own_sampler()
         sampler.check(self.objective)
         return generate(
             self.net,
@@ -174,59 +176,42 @@ class ModelBundle:
             progress=progress,
         )
 
+    def own_sampler(self) -> Sampler:
+        """The sampler this checkpoint's run drew its grids with (DDPM-250 without a training config)."""
+        if self.train_config is None or "sampler" not in self.train_config:
+            return OFFICIAL_SAMPLER
+        return instantiate(self.train_config.sampler)
 
-def load_network(ckpt: str | Path, ema: bool = True):
-    """(net, objective, run config or None) from a ditlab ``.ckpt``, an official DiT file or a
-    diffusers DiT folder (``ditlab export``'s, or any DiTTransformer2DModel / DiTPipeline folder)."""
-    from hydra.utils import instantiate
+    def own_guidance(self) -> Guidance:
+        """The guidance this checkpoint's run drew its grids with (DiT's 1.5 without a training config)."""
+        grid = OmegaConf.select(self.train_config, "callbacks.sample_grid") if self.train_config is not None else None
+        if grid is None:
+            return OFFICIAL_GUIDANCE
+        if "guidance" in grid:
+            return instantiate(grid.guidance)
+        # runs written before the guidance node (grid keys cfg_scale, guided_channels, guidance_interval)
+        return Guidance(grid.cfg_scale, grid.get("guided_channels"), grid.get("guidance_interval"))
 
-    path = Path(ckpt)
-    if path.is_dir():
-        from ditlab.interop.diffusers_dit import load_diffusers_dit
 
-        net = load_diffusers_dit(path)
-        run_config = path / "ditlab_config.yaml"  # written by ditlab export
-        if run_config.is_file():
-            cfg = OmegaConf.create(run_config.read_text())
-            return net, instantiate(cfg.diffusion.objective), cfg
-        return net, create_diffusion(learn_sigma=net.learn_sigma), None
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"ckpt={str(ckpt)!r} does not exist; expected a ditlab .ckpt, an official DiT .pt or a diffusers folder"
-        )
-    if path.suffix != ".ckpt":
-        try:
-            net = load_official_checkpoint(path)
-        except (ValueError, FileNotFoundError):
-            raise
-        except Exception as err:  # noqa: BLE001 - truncated / foreign file: one line for the command
-            raise ValueError(
-                f"{path} cannot be read as an official DiT checkpoint ({err}); expected a DiT .pt"
-            ) from err
-        return net, create_diffusion(learn_sigma=net.learn_sigma), None
-    from ditlab.training.checkpointing import check_checkpoint_fits, read_checkpoint
-
-    checkpoint = read_checkpoint(path)  # weights only; truncated / crafted files -> one line (ValueError)
-    config_yaml = checkpoint.get("ditlab", {}).get("config_yaml")
-    if not config_yaml:
-        raise ValueError(f"{str(path)!r} is not a ditlab checkpoint (no stored run config)")
-    cfg = OmegaConf.create(config_yaml)
-    net = instantiate(cfg.model)
-    prefix = "ema.net." if ema else "net."
-    state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    check_checkpoint_fits({"state_dict": state}, net, path)
-    net.load_state_dict(state, strict=True)
-    return net.eval(), instantiate(cfg.diffusion.objective), cfg
+def load_network(path: str | Path, ema: bool = True) -> tuple[torch.nn.Module, object, DictConfig | None]:
+    """(net in eval mode, objective, training config or None) of a ditlab ``.ckpt``, an official DiT
+    file or a diffusers DiT folder (``models.weights.read_dit_weights`` tells them apart)."""
+    weights = read_dit_weights(path, ema)
+    config = OmegaConf.create(weights.train_config) if weights.train_config else None
+    net = instantiate(config.model) if weights.format == "ditlab" else DiT(**weights.dit_kwargs)
+    check_checkpoint_fits({"state_dict": weights.state_dict}, net, path)
+    net.load_state_dict(weights.state_dict, strict=True)
+    if config is not None:
+        objective = instantiate(config.diffusion.objective)
+    else:
+        objective = create_diffusion(learn_sigma=net.learn_sigma)
+    return net.eval(), objective, config
 
 
 def _folder_codec(path: Path):
     """The codec of a diffusers folder: its vae/ (scaling_factor from its config), or what ditlab.json says."""
-    import json
-
-    from ditlab.models.vae import IdentityVAE, PretrainedVAE
-
     if (path / "vae" / "config.json").is_file():
-        scale = json.loads((path / "vae" / "config.json").read_text()).get("scaling_factor", 0.18215)
+        scale = json.loads((path / "vae" / "config.json").read_text()).get("scaling_factor", SD_SCALE_FACTOR)
         return PretrainedVAE(str(path), scale, subfolder="vae")
     meta = json.loads((path / "ditlab.json").read_text()) if (path / "ditlab.json").is_file() else {}
     codec = meta.get("codec", {})
@@ -243,19 +228,19 @@ def load_model(ckpt: str | Path, ema: bool = True, vae: str | None = None) -> Mo
         model = load_model("outputs/train/run/checkpoints/last.ckpt")
         images = model.generate([0, 1, 2], Sampler("ddim", 50), Guidance(scale=2.0), seed=0)
     """
-    from ditlab.data.shards import read_meta
-    from ditlab.models.vae import SD_SCALE_FACTOR, PretrainedVAE, codec_from_meta
-
     net, objective, cfg = load_network(ckpt, ema)
+    if vae:
+        codec = PretrainedVAE(vae, SD_SCALE_FACTOR)
     if Path(ckpt).is_dir():
-        codec = PretrainedVAE(vae, SD_SCALE_FACTOR) if vae else _folder_codec(Path(ckpt))
+        codec = codec if vae else _folder_codec(Path(ckpt))
         source = "diffusers folder"
     elif cfg is None:
-        codec = PretrainedVAE(vae or "stabilityai/sd-vae-ft-ema", SD_SCALE_FACTOR)
+        codec = codec if vae else PretrainedVAE("stabilityai/sd-vae-ft-ema", SD_SCALE_FACTOR)
         source = "official DiT checkpoint"
     else:
-        prepared = cfg.data.prepared_dir
-        codec = PretrainedVAE(vae, SD_SCALE_FACTOR) if vae else codec_from_meta(read_meta(prepared), prepared)
+        if not vae:
+            prepared = PreparedDir(cfg.data.prepared_dir)
+            codec = codec_from_record(prepared.read_meta()["vae"], prepared.vae)
         source = f"ditlab checkpoint, {'EMA' if ema else 'raw'} weights"
     shape = (net.in_channels, net.input_size, net.input_size)
     return ModelBundle(net, objective, codec.eval(), net.num_classes, shape, source, cfg)

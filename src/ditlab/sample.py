@@ -9,44 +9,25 @@ result does not depend on the world size or the batch size (``ditlab.inference.g
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from PIL import Image
 from tqdm.auto import tqdm
 
-from ditlab.cli import exit_on_error, hydra_command
-from ditlab.inference import Guidance, check_labels, generate, load_model, sample_labels
+from ditlab.data.transforms import model_range_to_uint8
+from ditlab.diffusion import Sampler
+from ditlab.inference import check_labels, generate, grid_image, grid_labels, load_model, sample_labels, save_grid
+from ditlab.runtime.errors import exit_on_error, hydra_command
+from ditlab.runtime.files import atomic_path
+from ditlab.runtime.processes import process_rank
 
 log = logging.getLogger("ditlab.sample")
 FORMATS = ("npz", "png", "both")
-
-
-# What official checkpoints and diffusers folders sample with by default (DiT's FID protocol).
-OFFICIAL_SAMPLER = {"_target_": "ditlab.diffusion.Sampler", "name": "ddpm", "steps": 250}
-OFFICIAL_CFG_SCALE = 1.5
-
-
-def run_sampler(sampler_cfg: DictConfig, run_cfg: DictConfig | None) -> DictConfig:
-    """``sampler=run``: the checkpoint run's own sampler config (what its grids used), with the
-    given ``steps`` if any; DDPM-250 without a run config. Any other choice as given."""
-    if sampler_cfg.name != "run":
-        return sampler_cfg
-    own = run_cfg.sampler if run_cfg is not None and "sampler" in run_cfg else OmegaConf.create(OFFICIAL_SAMPLER)
-    given = {k: v for k, v in sampler_cfg.items() if k not in ("_target_", "name") and v is not None}
-    return OmegaConf.merge(own, given)
-
-
-def run_guidance(run_cfg: DictConfig | None) -> Guidance:
-    """``cfg_scale=null``: the checkpoint run's grid guidance (scale, channels, interval: what its
-    grids showed); 1.5 everywhere without a run config (official checkpoints, diffusers folders)."""
-    grid = OmegaConf.select(run_cfg, "callbacks.sample_grid") if run_cfg is not None else None
-    if grid is None:
-        return Guidance(OFFICIAL_CFG_SCALE)
-    return Guidance(grid.cfg_scale, grid.get("guided_channels"), grid.get("guidance_interval"))
 
 
 def _labels(cfg, num_classes: int, count: int) -> torch.Tensor:
@@ -57,83 +38,76 @@ def _labels(cfg, num_classes: int, count: int) -> torch.Tensor:
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    img = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    img.save(tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(tmp, format="PNG")
 
 
-def run(cfg: DictConfig) -> Path:
-    from hydra.utils import instantiate
+def _save_npz(path: Path, **arrays) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
-    from ditlab.data.transforms import model_range_to_uint8
 
+def sample(cfg: DictConfig) -> Path:
     if cfg.format not in FORMATS:
         raise ValueError(f"format={cfg.format!r}; expected one of {FORMATS}")
     if cfg.num_samples < 1:
         raise ValueError(f"num_samples={cfg.num_samples} must be >= 1")
-    # Given guidance is checked before anything is loaded; cfg_scale=null waits for the run's config.
-    given = cfg.cfg_scale is not None
-    guidance = Guidance(cfg.cfg_scale, cfg.guided_channels, cfg.guidance_interval) if given else None
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    # Given choices are checked before anything is loaded; the checkpoint's own wait for it.
+    given_guidance = instantiate(cfg.guidance) if cfg.guidance.scale is not None else None
+    given_sampler = instantiate(cfg.sampler) if cfg.get("sampler") else None
+    rank, world, local_rank = process_rank()
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", local_rank)
         torch.backends.cuda.matmul.allow_tf32 = True
-    bundle = load_model(cfg.ckpt, cfg.ema, cfg.vae_path)
-    sampler = instantiate(run_sampler(cfg.sampler, bundle.run_config))
-    sampler.check(bundle.objective)
-    if not given:
-        guidance = run_guidance(bundle.run_config)
-    if cfg.grid:
-        classes = min(bundle.num_classes, cfg.max_classes)
-        labels = torch.arange(classes).repeat_interleave(cfg.per_class)  # one row per class
-    else:
-        labels = _labels(cfg, bundle.num_classes, cfg.num_samples)
-    check_labels(labels, bundle.num_classes)
+    model = load_model(cfg.ckpt, cfg.ema, cfg.vae_path)
+    sampler = given_sampler or model.own_sampler()
+    if cfg.steps is not None:
+        sampler = Sampler(sampler.name, cfg.steps, **sampler.options)
+    sampler.check(model.objective)
+    guidance = given_guidance or model.own_guidance()
+    labels = grid_labels(model.num_classes, cfg.per_class, cfg.max_classes) if cfg.grid else None
+    labels = _labels(cfg, model.num_classes, cfg.num_samples) if labels is None else labels
+    check_labels(labels, model.num_classes)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    bundle.to(device)
-    log.info(f"{bundle.source}; {sampler.describe()}, {guidance.describe()}; writing to {out}")
+    model.to(device)
+    log.info(f"{model.source}; {sampler.describe()}, {guidance.describe()}; writing to {out}")
+
+    def draw(indices: torch.Tensor) -> torch.Tensor:
+        return generate(
+            model.net,
+            model.objective,
+            sampler,
+            labels[indices],
+            indices,
+            latent_shape=model.latent_shape,
+            null_label=model.num_classes,
+            codec=model.codec,
+            guidance=guidance,
+            seed=cfg.seed,
+            batch_size=cfg.batch_size,
+            device=device,
+        )
 
     if cfg.grid:
-        return _grid(bundle, sampler, guidance, labels, cfg, device, out)
+        path = save_grid(grid_image(draw(torch.arange(len(labels))), cfg.per_class), out / "grid.png")
+        log.info(f"wrote {path}")
+        return path
     mine = torch.arange(rank, cfg.num_samples, world)  # this rank's sample indices
     images, start = [], time.time()
     for chunk in tqdm(mine.split(cfg.batch_size), desc=f"rank {rank}", disable=rank != 0):
-        decoded = _generate(bundle, sampler, guidance, labels[chunk], chunk, cfg, device)
-        batch = model_range_to_uint8(decoded).numpy()  # (n, H, W, C)
+        batch = model_range_to_uint8(draw(chunk)).numpy()  # (n, H, W, C)
         images.append(batch)
         if cfg.format in ("png", "both"):
             for index, array in zip(chunk.tolist(), batch):
                 _save_png(array, out / f"{index:06d}.png")
-    part = out / f".part-{rank}.npz"
     arr = np.concatenate(images) if images else np.zeros((0, 1, 1, 1), np.uint8)
-    np.savez(part.with_suffix(".tmp.npz"), arr_0=arr, index=mine.numpy())
-    part.with_suffix(".tmp.npz").replace(part)
+    _save_npz(out / f".part-{rank}.npz", arr_0=arr, index=mine.numpy())
     log.info(f"rank {rank}: {len(mine)} samples in {time.time() - start:.1f} s")
     if rank == 0 and cfg.format in ("npz", "both"):
         _merge_parts(out, world, cfg.num_samples, labels.numpy())
     return out
-
-
-def _generate(bundle, sampler, guidance, labels, indices, cfg, device) -> torch.Tensor:
-    return generate(
-        bundle.net,
-        bundle.objective,
-        sampler,
-        labels,
-        indices,
-        latent_shape=bundle.latent_shape,
-        null_label=bundle.num_classes,
-        codec=bundle.codec,
-        guidance=guidance,
-        seed=cfg.seed,
-        batch_size=cfg.batch_size,
-        device=device,
-    )
 
 
 def _merge_parts(out: Path, world: int, count: int, labels: np.ndarray) -> Path:
@@ -146,28 +120,16 @@ def _merge_parts(out: Path, world: int, count: int, labels: np.ndarray) -> Path:
     for a in arrays:
         merged[a["index"]] = a["arr_0"]
     path = out / f"samples_{count}x{merged.shape[1]}x{merged.shape[2]}x{merged.shape[3]}.npz"
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, arr_0=merged, labels=labels)
-    tmp.replace(path)
+    _save_npz(path, arr_0=merged, labels=labels)
     for p in parts:
         p.unlink()
     log.info(f"wrote {path} (arr_0 {merged.shape} uint8, labels)")
     return path
 
 
-def _grid(bundle, sampler, guidance, labels, cfg, device, out: Path) -> Path:
-    from torchvision.utils import make_grid, save_image
-
-    images = _generate(bundle, sampler, guidance, labels, torch.arange(len(labels)), cfg, device)
-    path = out / "grid.png"
-    save_image(make_grid((images + 1) / 2, nrow=cfg.per_class, padding=2, pad_value=1.0), path)
-    log.info(f"wrote {path}")
-    return path
-
-
 @hydra_command("ditlab.sample", "sample")
 def main(cfg: DictConfig) -> None:
-    exit_on_error("ditlab.sample", run, cfg)
+    exit_on_error("ditlab.sample", sample, cfg)
 
 
 if __name__ == "__main__":

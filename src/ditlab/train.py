@@ -12,23 +12,31 @@ import logging
 import sys
 from pathlib import Path
 
+import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ditlab.cli import config_error_message, fail, hydra_command
-from ditlab.training.checkpointing import (
+from ditlab.data.prepared import PreparedDir
+from ditlab.pipelines.prepare import check_vae_matches
+from ditlab.prepare import prepare_from_config
+from ditlab.runtime import hardware
+from ditlab.runtime.checkpoints import (
     CheckpointReadError,
     CheckpointWriteError,
     check_checkpoint_fits,
     find_resume_checkpoint,
     read_checkpoint,
 )
+from ditlab.runtime.errors import config_error_message, fail, hydra_command
+from ditlab.runtime.preemption import PREEMPTED_EXIT, Preempted
+from ditlab.runtime.processes import die_with_parent
+from ditlab.runtime.sweeps import MetricNotLogged, ddp_children_run_this_job, log_config, optimized_metric_value
+from ditlab.training.finetune import apply_finetune, check_source
 from ditlab.training.nonfinite import NonFiniteTraining
-from ditlab.training.preemption import PREEMPTED_EXIT, Preempted
-from ditlab.training.preflight import check_hardware, check_vae_matches, die_with_parent
 
 log = logging.getLogger("ditlab.train")
 
@@ -40,48 +48,37 @@ class ConfigError(ValueError):
 def build(cfg: DictConfig, init_weights: bool = True):
     """Instantiate and cross-check everything a run needs. Raises ConfigError on a bad config.
     ``init_weights``: apply ``init_from`` (off when the run resumes from a checkpoint anyway)."""
-    from ditlab.data.preparation import prepare_dataset
-    from ditlab.data.shards import META_FILE
-    from ditlab.training.finetune import apply_finetune, check_source
-
     if init_weights and cfg.get("init_from"):
         try:
             check_source(cfg.init_from)
         except FileNotFoundError as err:
             raise ConfigError(str(err)) from err
-    prepared = Path(cfg.data.prepared_dir)
-    if not (prepared / META_FILE).is_file():
+    prepared = PreparedDir(cfg.data.prepared_dir)
+    if not prepared.is_prepared():
         if not cfg.prepare_if_missing:
             raise ConfigError(
-                f"no prepared data at {prepared}; run python -m ditlab.prepare data={cfg.data.name} "
+                f"no prepared data at {prepared.root}; run python -m ditlab.prepare data={cfg.data.name} "
                 f"vae={cfg.vae.name} (or set prepare_if_missing=true)"
             )
-        log.info(f"{prepared} is not prepared yet: preparing it first")
-        prepare_dataset(cfg)
+        log.info(f"{prepared.root} is not prepared yet: preparing it first")
+        prepare_from_config(cfg)
     try:
-        check_hardware(cfg.trainer)
         datamodule = instantiate(cfg.data.module)
-        check_vae_matches(cfg.vae, datamodule.meta, prepared)
+        recipe = instantiate(cfg.vae.recipe) if cfg.vae.get("recipe") else None
+        codec_path = OmegaConf.select(cfg, "vae.codec.path")
+        check_vae_matches(cfg.vae.name, recipe, codec_path, datamodule.meta, prepared)
         m = cfg.model
         datamodule.check_model(m.input_size, m.in_channels, m.patch_size, m.num_classes)
         datamodule.check_data()
         net = instantiate(cfg.model)
         apply_finetune(net, cfg.get("init_from") if init_weights else None, cfg.get("finetune"))
-        objective = instantiate(cfg.diffusion.objective)
-        sampler = instantiate(cfg.sampler)
-        sampler.check(objective)
-        if getattr(objective, "learn_sigma", False) != net.learn_sigma:
+        module = build_module(cfg, net)
+        instantiate(cfg.sampler).check(module.objective)
+        if getattr(module.objective, "learn_sigma", False) != net.learn_sigma:
             raise ValueError(
                 f"model.learn_sigma={net.learn_sigma} does not fit the {cfg.diffusion.objective._target_}"
                 " objective; leave it at ${diffusion.learn_sigma}"
             )
-        module = instantiate(
-            cfg.module,
-            net=net,
-            objective=objective,
-            optimizer=instantiate(cfg.optim.optimizer),
-            scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
-        )
     except InstantiationException as err:
         cause = err.__cause__ or err
         raise ConfigError(str(cause).strip().splitlines()[0]) from err
@@ -91,6 +88,17 @@ def build(cfg: DictConfig, init_weights: bool = True):
         raise ConfigError(config_error_message(err)) from err
     module.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     return datamodule, module
+
+
+def build_module(cfg: DictConfig, net: torch.nn.Module):
+    """The LightningModule of ``cfg.module`` around ``net``, with the configured objective and optimizer."""
+    return instantiate(
+        cfg.module,
+        net=net,
+        objective=instantiate(cfg.diffusion.objective),
+        optimizer=instantiate(cfg.optim.optimizer),
+        scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
+    )
 
 
 def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: Path) -> str | None:
@@ -116,11 +124,6 @@ def _checkpoint_dir(cfg: DictConfig) -> Path:
 
 def train(cfg: DictConfig) -> dict:
     """Fit a run from a composed config; returns the final callback metrics."""
-    import lightning as L
-
-    from ditlab.training import hardware
-    from ditlab.training.sweeps import ddp_children_run_this_job, log_config
-
     try:
         trainer_cfg = hardware.select(cfg.trainer)  # trainer=auto: GPUs in bf16-mixed or the CPU in fp32
     except ValueError as err:
@@ -156,16 +159,12 @@ def train(cfg: DictConfig) -> dict:
 
 @hydra_command("ditlab.train", "train")
 def main(cfg: DictConfig) -> float | None:
-    """Returns the configured ``objective`` (e.g. the last ``val/fid_clf``) for Hydra sweepers."""
-    from lightning.pytorch.utilities import rank_zero_only
-
-    from ditlab.training.sweeps import ObjectiveError, objective_value
-
+    """Returns the configured ``optimized_metric`` (e.g. the last ``val/fid_clf``) for Hydra sweepers."""
     try:
         metrics = train(cfg)
         # rank 0 answers the sweeper; the DDP children of a job just finish
-        return objective_value(metrics, cfg.get("objective")) if rank_zero_only.rank == 0 else None
-    except (ConfigError, CheckpointReadError, ObjectiveError) as err:
+        return optimized_metric_value(metrics, cfg.get("optimized_metric")) if rank_zero_only.rank == 0 else None
+    except (ConfigError, CheckpointReadError, MetricNotLogged) as err:
         fail("ditlab.train", str(err))  # the fresh run dir goes too (kept when it holds anything else)
     except Preempted as stop:
         if rank_zero_only.rank == 0:  # one line, not one per rank

@@ -1,11 +1,8 @@
-"""Writes the run's final metrics to ``metrics.json`` in the run dir (atomically). Always valid
-JSON: a non-finite value (a NaN loss) is written as null, never as a bare ``NaN``."""
+"""Writes the run's final metrics to ``metrics.json`` in the run dir (``runtime.files.write_json``:
+atomically, and always valid JSON: a non-finite value such as a NaN loss is written as null)."""
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import time
 from pathlib import Path
 
@@ -13,17 +10,15 @@ from lightning import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
 from ditlab.callbacks.sampling import SamplingCallback
-from ditlab.training.sweeps import job_overrides
-
-
-def finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
+from ditlab.callbacks.throughput import Throughput
+from ditlab.runtime.files import write_json
+from ditlab.runtime.sweeps import job_overrides
 
 
 class RunSummary(Callback):
-    def __init__(self, path: str, objective: str | None = None):
+    def __init__(self, path: str, optimized_metric: str | None = None):
         self.path = Path(path)
-        self.objective = objective
+        self.optimized_metric = optimized_metric
         self._start = time.time()
 
     def on_fit_start(self, trainer, pl_module):
@@ -42,11 +37,7 @@ class RunSummary(Callback):
         self._write(trainer, pl_module, status="finished")
 
     def _write(self, trainer, pl_module, status: str) -> None:
-        metrics = {
-            k: finite_or_none(float(v))
-            for k, v in trainer.callback_metrics.items()
-            if getattr(v, "numel", lambda: 1)() == 1
-        }
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
         summary = {
             "global_step": trainer.global_step,
             "status": status,
@@ -59,15 +50,12 @@ class RunSummary(Callback):
         }
         # the job's overrides (a sweep's values among them): what distinguishes this run from its siblings
         summary["overrides"] = job_overrides()
-        if self.objective:
-            summary["objective"] = {"name": self.objective, "value": metrics.get(self.objective)}
+        if self.optimized_metric:
+            summary["optimized_metric"] = {"name": self.optimized_metric, "value": metrics.get(self.optimized_metric)}
         nonfinite = getattr(pl_module, "nonfinite", None)
         if nonfinite is not None:
             summary["skipped_nonfinite_steps"] = nonfinite.skipped
         for cb in trainer.callbacks:
-            if type(cb).__name__ == "Throughput":
+            if isinstance(cb, Throughput):
                 summary["images_seen"] = cb.images_seen
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(summary, indent=2, allow_nan=False))
-        tmp.replace(self.path)
+        write_json(self.path, summary)

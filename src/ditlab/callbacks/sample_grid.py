@@ -4,61 +4,71 @@ loggers. Thin: the sampling is ``ditlab.inference.generate``."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
-from torchvision.utils import make_grid, save_image
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from ditlab.callbacks.sampling import SamplingCallback
-from ditlab.diffusion import Sampler
-from ditlab.inference import generate
+from ditlab.diffusion import Guidance, Sampler
+from ditlab.inference import generate, grid_image, grid_labels, save_grid
 
 
 class SampleGrid(SamplingCallback):
     """``per_class`` samples of each of the first ``max_classes`` classes, one row per class, written
-    to ``out_dir/step_<N>.png``; the other arguments are ``SamplingCallback``'s."""
+    to ``out_dir/step_<N>.png`` with ``sampler`` and ``guidance`` (its noise from ``seed``); the other
+    arguments are ``SamplingCallback``'s."""
 
     def __init__(
         self,
         out_dir: str,
         sampler: Sampler,
+        guidance: Guidance = Guidance(),
         every_n_steps: int = 1000,
         per_class: int = 8,
         max_classes: int = 10,
-        **sampling,
+        seed: int = 0,
+        **when,
     ):
-        super().__init__(sampler, every_n_steps, **sampling)
+        super().__init__(every_n_steps, **when)
         self.out_dir = Path(out_dir)
+        self.sampler = sampler
+        self.guidance = guidance
         self.per_class = per_class
         self.max_classes = max_classes
+        self.seed = seed
         self.last_path: Path | None = None
 
+    def on_fit_start(self, trainer, pl_module):
+        self.sampler.check(pl_module.objective)
+
     @torch.no_grad()
-    def run(self, trainer, pl_module) -> Path | None:
-        # Every rank gathers the weights (collective under sharding); rank 0 samples and writes.
-        kwargs = self.sample_kwargs(trainer, pl_module)
+    def sample_now(self, trainer, pl_module) -> Path | None:
+        net = self.sampling_net(pl_module)  # every rank: collective under sharding
         if not trainer.is_global_zero:
             return None
         dm = trainer.datamodule
-        labels = torch.arange(min(dm.num_classes, self.max_classes)).repeat_interleave(self.per_class)  # row per class
-        images = generate(labels=labels, indices=torch.arange(len(labels)), batch_size=len(labels), **kwargs)
-        grid = make_grid((images + 1) / 2, nrow=self.per_class, padding=2, pad_value=1.0)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / f"step_{trainer.global_step:07d}.png"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-        save_image(grid, tmp)
-        tmp.replace(path)
-        self.last_path = path
+        labels = grid_labels(dm.num_classes, self.per_class, self.max_classes)
+        images = generate(
+            net,
+            pl_module.objective,
+            self.sampler,
+            labels,
+            torch.arange(len(labels)),
+            latent_shape=dm.latent_shape,
+            null_label=dm.num_classes,
+            codec=self.codec(trainer, pl_module),
+            guidance=self.guidance,
+            seed=self.seed,
+            batch_size=len(labels),
+            device=pl_module.device,
+        )
+        grid = grid_image(images, self.per_class)
+        self.last_path = save_grid(grid, self.out_dir / f"step_{trainer.global_step:07d}.png")
         caption = f"{self.weights} weights, one row per class"
         for logger in trainer.loggers:
-            _log_image(logger, grid, trainer.global_step, caption)
-        return path
-
-
-def _log_image(logger, grid: torch.Tensor, step: int, caption: str) -> None:
-    name = type(logger).__name__
-    if name == "WandbLogger":
-        logger.log_image(key="samples/grid", images=[grid], step=step, caption=[caption])
-    elif name == "TensorBoardLogger":
-        logger.experiment.add_image("samples/grid", grid, step)
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="samples/grid", images=[grid], step=trainer.global_step, caption=[caption])
+            elif isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("samples/grid", grid, trainer.global_step)
+        return self.last_path

@@ -6,7 +6,7 @@ import time
 
 from lightning import Callback
 
-from ditlab.training.steps import logs_this_step, on_progress_bar
+from ditlab.training.cadence import logs_this_step, on_progress_bar
 
 
 class Throughput(Callback):

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from lightning import LightningDataModule
 
-from ditlab.data.shards import check_split, read_meta, stored_views
+from ditlab.data.prepared import PreparedDir
+from ditlab.data.shards import check_split, stored_views
 from ditlab.seeding import stream_generator
 
 
@@ -107,7 +108,7 @@ class LatentDataModule(LightningDataModule):
         self.sample_posterior = sample_posterior
         self.train_split, self.val_split = train_split, val_split
         self.drop_last = drop_last
-        self.meta = read_meta(meta_path or self.path)
+        self.meta = PreparedDir(meta_path or self.path).read_meta()
         if flip and stored_views(self.meta) == 1:
             raise ValueError(
                 f"flip=true but {self.path} was prepared without flipped views (data.flip=false); expected "

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ditlab.data.shards import ShardWriter
 from ditlab.data.sources import collate_skipping_failures
-from ditlab.training.faults import fault_point
+from ditlab.runtime.faults import fault_point
 
 
 @torch.no_grad()
@@ -64,7 +64,7 @@ def extract_split(
                 writer.add(np.ascontiguousarray(latent), label)
                 per_class[label] += 1
         bar.update(len(failed) + (0 if images is None else len(images)))
-        fault_point("prepare_batch")  # test-only: prepare killed half-way (ditlab.training.faults)
+        fault_point("prepare_batch")  # test-only: prepare killed half-way (ditlab.runtime.faults)
     bar.close()
     writer.finish()
     seconds = time.time() - start

@@ -1,30 +1,27 @@
-"""The prepared-dataset format: litdata streaming shards + meta.json.
+"""The shard format of a prepared split (``ditlab.data.prepared`` names the rest of the folder):
 
-    <prepared_dir>/
-      meta.json           dataset, classes, counts, latent shape/format/dtype, VAE and scale factor
-      train/ val/         litdata shards (index.json + chunk-<rank>-<i>.bin), one item per image:
+    <split>/              litdata shards (index.json + chunk-<rank>-<i>.bin), one item per image:
                             latent (V, M, C, H, W) float16: [image, its horizontal flip] (V = 2)
                                    or [image] (V = 1, data.flip=false) x
                                    [posterior mean, posterior std] (M = 2) or [sample] (M = 1)
                             label  int
-      vae/                the small VAE's weights (safetensors) when prepare trained one
 
 litdata's format means the same directory can be copied to S3/GCS and streamed to many nodes.
-Every file is written under a temporary name and renamed once complete, so an interrupted run
-leaves nothing that a later run would mistake for finished work.
+A split is written into ``<split>.tmp`` and renamed once every rank finished, so an interrupted
+run leaves nothing that a later run would mistake for finished work.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
-META_FILE = "meta.json"
+from ditlab.runtime.files import publish
+
 INDEX_FILE = "index.json"
 
 
@@ -40,25 +37,6 @@ def split_is_complete(split_dir: Path) -> bool:
 def count_items(split_dir: Path) -> int:
     index = json.loads((split_dir / INDEX_FILE).read_text())
     return sum(chunk["chunk_size"] for chunk in index["chunks"])
-
-
-def read_meta(prepared_dir: str | Path) -> dict:
-    path = Path(prepared_dir) / META_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no prepared dataset at {str(prepared_dir)!r} (missing {META_FILE}); run "
-            "'python -m ditlab.prepare data=<dataset> vae=<vae>' first"
-        )
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(
-            f"{path} is not valid JSON ({err}); expected the {META_FILE} written by ditlab.prepare"
-        ) from err
-    missing = [k for k in ("num_classes", "latent_shape", "vae") if k not in meta] if isinstance(meta, dict) else ["*"]
-    if missing:
-        raise ValueError(f"{path} lacks {missing[0]!r}; expected the {META_FILE} written by ditlab.prepare")
-    return meta
 
 
 def check_split(split_dir: str | Path, meta: dict) -> None:
@@ -95,14 +73,8 @@ def check_split(split_dir: str | Path, meta: dict) -> None:
     ):
         raise ValueError(
             f"latents in {split_dir} are {latent.dtype} {latent.shape}; expected {meta.get('latent_dtype', 'float16')} "
-            f"({views}, M, {', '.join(map(str, shape))}) as {META_FILE} says"
+            f"({views}, M, {', '.join(map(str, shape))}) as meta.json says"
         )
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
 
 
 class ShardWriter:
@@ -154,6 +126,4 @@ class ShardWriter:
         # litdata's merge of per-rank indexes into index.json (public merge() expects its own
         # process group; the ranks here may be separate jobs, hence the wait above).
         self.writer._merge_no_wait()
-        if self.split_dir.exists():
-            shutil.rmtree(self.split_dir)
-        self.tmp_dir.rename(self.split_dir)
+        publish(self.tmp_dir, self.split_dir)

@@ -7,6 +7,7 @@ call into a single batched forward over the conditional and the unconditional (n
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -71,6 +72,35 @@ class CFGModel:
         if self.interval is not None:
             guided = torch.where(inside.view(-1, *([1] * (x.dim() - 1))), guided, cond[:, :g])
         return torch.cat([guided, cond[:, g:]], dim=1)
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance settings (the ``guidance`` config node of the grids, the FID and
+    ``ditlab.sample``): ``scale`` 1.0 is none; ``channels`` None guides every latent channel (3: the
+    official FID-2.27 protocol); ``interval`` [t_lo, t_hi] in the model's time units."""
+
+    scale: float = 1.0
+    channels: int | None = None
+    interval: tuple[float, float] | None = None
+
+    def __post_init__(self):
+        if self.scale < 0:
+            raise ValueError(f"guidance.scale={self.scale}; expected a number >= 0 (1.0: no guidance)")
+        if self.interval is not None:  # a config list -> a comparable, hashable pair
+            if len(self.interval) != 2:
+                raise ValueError(f"guidance.interval={list(self.interval)}; expected [t_lo, t_hi]")
+            object.__setattr__(self, "interval", tuple(float(v) for v in self.interval))
+
+    def describe(self) -> str:
+        if self.scale == 1.0:
+            return "no guidance"
+        where = "" if self.interval is None else f" for t in [{self.interval[0]:g}, {self.interval[1]:g}]"
+        channels = "" if self.channels is None else f" on the first {self.channels} channels"
+        return f"guidance {self.scale:g}{channels}{where}"
+
+    def wrap(self, net: Callable, null_label: int, in_channels: int) -> CFGModel:
+        return CFGModel(net, self.scale, null_label, in_channels, self.channels, self.interval)
 
 
 def official_forward_with_cfg(

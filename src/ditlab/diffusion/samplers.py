@@ -177,15 +177,16 @@ def samplers_for(objective) -> tuple[str, ...]:
     return tuple(name for name, spec in SAMPLERS.items() if isinstance(objective, spec.objective))
 
 
+# The fast solver of each objective (what FID during training uses unless told otherwise):
+# DPM-Solver++ 20 steps costs a twelfth of DDPM-250's evaluations.
+FAST_SAMPLERS = {GaussianDiffusion: ("dpmpp_2m", 20), FlowMatching: ("flow_heun", 25)}
+
+
 class Sampler:
     """A validated sampler choice from config: ``name``, ``steps`` (DDPM/DDIM: respaced steps) and
     the sampler's own options (``eta`` for ddim). ``sampler(model, objective, x, model_kwargs, noise)``."""
 
     def __init__(self, name: str = "ddpm", steps: int = 250, **options):
-        if name == "run":
-            raise ValueError(
-                f"sampler=run (a checkpoint's own sampler) is for ditlab.sample; expected one of {tuple(SAMPLERS)}"
-            )
         if name not in SAMPLERS:
             raise ValueError(f"unknown sampler {name!r}; expected one of {tuple(SAMPLERS)}")
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
@@ -226,6 +227,16 @@ class Sampler:
 
     def nfe(self) -> int:
         return self.spec.nfe(self.steps)
+
+    @classmethod
+    def fast(cls, objective) -> Sampler:
+        """The objective's fast solver (``FAST_SAMPLERS``)."""
+        for kind, (name, steps) in FAST_SAMPLERS.items():
+            if isinstance(objective, kind):
+                return cls(name, steps)
+        raise ValueError(
+            f"no fast sampler for a {type(objective).__name__} objective; expected one of {list(FAST_SAMPLERS)}"
+        )
 
     @torch.no_grad()
     def __call__(self, model: Callable, objective, x: torch.Tensor, model_kwargs=None, noise=None, progress=False):

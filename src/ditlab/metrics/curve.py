@@ -1,8 +1,7 @@
-"""A run's FID curve: every checkpoint of a training run scored the way its FID callback scored
-(same sampler, guidance, sample count, seed, extractor and reference), written to
-``<run>/fid_curve.csv`` (step, images seen, metrics) and ``<run>/fid_curve.png``.
+"""A run's FID curve: every checkpoint of a training run scored with the run's own ``FIDProtocol``
+(the one its FID callback measured with: sampler, guidance, sample count, seed, extractor and
+reference), written to ``<run>/fid_curve.csv`` (step, images seen, metrics) and ``<run>/fid_curve.png``.
 
-Sampling goes through ``ditlab.inference.load_model(...).generate``, the one generation path.
 A rerun scores only the checkpoints not in the CSV yet (keyed by step and weights), so the curve
 of a run that is still training can be brought up to date cheaply.
 """
@@ -11,11 +10,18 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from hydra.utils import instantiate
 from tqdm.auto import tqdm
+
+from ditlab.data.prepared import PreparedDir
+from ditlab.inference import load_model
+from ditlab.metrics.protocol import FIDProtocol
+from ditlab.runtime.checkpoints import read_checkpoint
+from ditlab.runtime.files import atomic_path
 
 log = logging.getLogger("ditlab.evaluate")
 
@@ -23,15 +29,17 @@ CSV_NAME, PNG_NAME = "fid_curve.csv", "fid_curve.png"
 KEY_COLUMNS = ["step", "images_seen", "weights", "checkpoint"]
 
 
-def run_checkpoints(run_dir: Path) -> list[tuple[int, int | None, Path]]:
+def checkpoints_of(run_dir: Path) -> list[tuple[int, int | None, Path]]:
     """(step, images seen, path) of each distinct checkpoint of a run, by step; a ``last.ckpt`` that
     repeats a periodic checkpoint's step is left out."""
     paths = sorted((run_dir / "checkpoints").glob("*.ckpt"))
     if not paths:
-        raise FileNotFoundError(f"run={str(run_dir)!r} has no checkpoints/*.ckpt; expected a ditlab training run dir")
+        raise FileNotFoundError(
+            f"run_dir={str(run_dir)!r} has no checkpoints/*.ckpt; expected a ditlab training run dir"
+        )
     found: dict[int, tuple[int, int | None, Path]] = {}
     for path in paths:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: no full read
+        ckpt = read_checkpoint(path, mmap=True)  # mmap: no full read
         step = int(ckpt["global_step"])
         seen = ckpt.get("callbacks", {}).get("Throughput", {}).get("images_seen")
         if step not in found or found[step][2].name == "last.ckpt":
@@ -48,12 +56,10 @@ def read_curve(path: Path) -> list[dict]:
 
 def write_curve(rows: list[dict], path: Path) -> None:
     metric_columns = sorted({k for row in rows for k in row} - set(KEY_COLUMNS))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=KEY_COLUMNS + metric_columns, restval="")
         writer.writeheader()
         writer.writerows(sorted(rows, key=lambda r: (r["weights"], int(r["step"]))))
-    tmp.replace(path)
 
 
 def plot_curve(rows: list[dict], path: Path) -> None:
@@ -77,62 +83,46 @@ def plot_curve(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    tmp.replace(path)
 
 
-def fid_settings(run_cfg, num_samples: int | None = None, extractor: str | None = None) -> dict:
-    """The FID protocol of a run, from its stored config (callbacks.fid), with optional overrides."""
-    from hydra.utils import instantiate
-
-    from ditlab.inference import Guidance
-
-    fid = run_cfg.get("callbacks", {}).get("fid") or {}
-    kind = extractor or fid.get("extractor") or run_cfg.data.reference.get("extractor")
-    if not kind:
+def run_protocol(train_config, num_samples: int | None = None, extractor: str | None = None) -> FIDProtocol:
+    """The FID protocol a run measured with (its stored ``fid_protocol``), with optional overrides;
+    another ``extractor`` measures against that extractor's default reference and weights."""
+    if "fid_protocol" not in train_config:
+        raise ValueError("the run's config has no fid_protocol (a run of an older ditlab); expected a run of this one")
+    protocol = instantiate(train_config.fid_protocol)
+    if extractor and extractor != protocol.extractor:  # another feature space: its default reference and weights
+        protocol = replace(protocol, extractor=extractor, reference=None, weights_path=None)
+    if num_samples:
+        protocol = replace(protocol, num_samples=num_samples)
+    if not protocol.extractor:
         raise ValueError(
-            "the run has no FID extractor (callbacks.fid.extractor is null); expected extractor=clf|inception"
+            "the run has no FID extractor (fid_protocol.extractor is null); expected extractor=clf|inception"
         )
-    prepared = Path(run_cfg.data.prepared_dir)
-    weights = fid.get("weights_path") or (str(prepared / "classifier") if kind == "clf" else None)
-    reference = (fid.get("reference") if not extractor else None) or prepared / f"reference_{kind}.npz"
-    sampler_cfg = fid.get("sampler") or run_cfg.sampler
-    return dict(
-        sampler=instantiate(sampler_cfg),
-        guidance=Guidance(fid.get("cfg_scale", 1.0), fid.get("guided_channels"), fid.get("guidance_interval")),
-        num_samples=int(num_samples or fid.get("num_samples", 1000)),
-        batch_size=int(fid.get("batch_size", 250)),
-        seed=int(fid.get("seed", run_cfg.get("seed", 0))),
-        metrics=tuple(fid.get("metrics", ("fid",))),
-        extractor=kind,
-        weights_path=weights,
-        reference=Path(reference),
-    )
+    return protocol
 
 
 @torch.no_grad()
-def score_checkpoint(path: Path, ema: bool, settings_of, device: str) -> dict[str, float]:
-    from ditlab.data.transforms import model_range_to_uint8
-    from ditlab.inference import load_model, sample_labels
-    from ditlab.metrics.fidelity import Extractor, compute_metrics
-    from ditlab.metrics.reference import ReferenceStats
-
-    bundle = load_model(path, ema=ema).to(device)
-    s = settings_of(bundle.run_config)
-    s["sampler"].check(bundle.objective)
-    reference = ReferenceStats.load(s["reference"], s["extractor"])
-    labels = sample_labels(bundle.num_classes, s["num_samples"], s["seed"])
-    images = bundle.generate(labels, s["sampler"], s["guidance"], s["seed"], batch_size=s["batch_size"])
-    out = Extractor(s["extractor"], s["weights_path"], device=device)(model_range_to_uint8(images).permute(0, 3, 1, 2))
-    out["labels"] = labels
-    results = compute_metrics(out, reference, s["metrics"], labels=labels if s["extractor"] == "clf" else None)
-    results["num_samples"] = s["num_samples"]
+def score_checkpoint(path: Path, ema: bool, num_samples: int | None, extractor: str | None, device: str) -> dict:
+    """The run's protocol measured on one checkpoint's weights."""
+    model = load_model(path, ema=ema).to(device)
+    protocol = run_protocol(model.train_config, num_samples, extractor)
+    prepared = PreparedDir(model.train_config.data.prepared_dir)
+    labels = protocol.labels(model.num_classes)
+    indices = torch.arange(len(labels))
+    images = protocol.generate(
+        model.net, model.objective, model.codec, model.num_classes, labels, indices, model.latent_shape, device
+    )
+    features = protocol.make_extractor(prepared, device)(images)
+    results = protocol.measure(features, protocol.load_reference(prepared), labels)
+    results["num_samples"] = protocol.num_samples
     return results
 
 
-def score_run(
+def score_checkpoints(
     run_dir: str | Path,
     ema: bool = True,
     num_samples: int | None = None,
@@ -143,14 +133,14 @@ def score_run(
     """Score the run's checkpoints not scored yet; returns (the CSV path, how many were scored now)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run={str(run_dir)!r} is not a directory; expected a ditlab training run dir")
+        raise FileNotFoundError(f"run_dir={str(run_dir)!r} is not a directory; expected a ditlab training run dir")
     csv_path, weights = run_dir / CSV_NAME, "ema" if ema else "raw"
     rows = read_curve(csv_path)
     done = {(int(r["step"]), r["weights"]) for r in rows}
-    todo = [c for c in run_checkpoints(run_dir) if (c[0], weights) not in done]
+    todo = [c for c in checkpoints_of(run_dir) if (c[0], weights) not in done]
     log.info(f"{run_dir}: {len(todo)} checkpoint(s) to score, {len(done)} already in {CSV_NAME}")
     for step, seen, path in tqdm(todo, desc="checkpoints", unit="ckpt", disable=not progress):
-        results = score_checkpoint(path, ema, lambda cfg: fid_settings(cfg, num_samples, extractor), device)
+        results = score_checkpoint(path, ema, num_samples, extractor, device)
         rows.append(
             {
                 "step": step,

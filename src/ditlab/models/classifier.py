@@ -2,17 +2,19 @@
 
 Where no Inception weights are at hand (this machine has no network), FID is measured in the
 feature space of this classifier instead (``ditlab.metrics.classifier_features``); it is trained by
-``ditlab.training.fit_classifier``. Stored as safetensors + a JSON config, never pickled.
+``ditlab.pipelines.fit_classifier``. Stored as safetensors + a JSON config, never pickled.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from ditlab.runtime.files import atomic_path
 
 
 class SmallClassifier(nn.Module):
@@ -45,18 +47,13 @@ class SmallClassifier(nn.Module):
 
 
 def save_classifier(model: SmallClassifier, path: Path, info: dict) -> None:
-    from safetensors.torch import save_file
-
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / f".model.safetensors.tmp-{os.getpid()}"
-    save_file(model.state_dict(), str(tmp))
-    tmp.replace(path / "model.safetensors")
-    (path / "classifier.json").write_text(json.dumps({"config": model.config, **info}, indent=2))
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        save_file(model.state_dict(), str(tmp / "model.safetensors"))
+        (tmp / "classifier.json").write_text(json.dumps({"config": model.config, **info}, indent=2))
 
 
 def load_classifier(path: str | Path, device="cpu") -> SmallClassifier:
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not (path / "classifier.json").is_file():
         raise FileNotFoundError(f"no classifier at {str(path)!r}; it is trained by 'python -m ditlab.prepare'")

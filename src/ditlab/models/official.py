@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from ditlab.models.dit import DIT_SIZES, DiT
 
@@ -32,8 +33,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"DiT checkpoint {str(path)!r} does not exist; expected a .pt or .safetensors file")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path), device="cpu")
     try:
         # Official training checkpoints pickle their argparse Namespace; allow exactly that class.

@@ -1,6 +1,6 @@
 """Image <-> latent codecs: a pretrained diffusers AutoencoderKL, the identity (pixel space), and the
 architecture of the small KL autoencoder that ``prepare`` trains on the dataset itself when no
-pretrained VAE fits (its training loop is ``ditlab.training.fit_vae``).
+pretrained VAE fits (its training loop is ``ditlab.pipelines.fit_vae``).
 
 Convention (EDM2-style): shards hold the RAW posterior (mean, std) of ``encode``; the model works on
 ``scale_factor * z`` with z sampled from that posterior; ``decode`` takes model-space latents.
@@ -54,7 +54,7 @@ class PretrainedVAE(nn.Module):
         except Exception as err:  # noqa: BLE001 - one clear line for every way the load can fail
             raise RuntimeError(
                 f"cannot load the VAE {path!r} ({type(err).__name__}); with no network, download it elsewhere "
-                "and set vae.path=<local directory with config.json and the weights>"
+                "and set vae.codec.path=<local directory with config.json and the weights>"
             ) from err
         self.vae.requires_grad_(False).eval()
         self.path = str(path)
@@ -89,7 +89,7 @@ def small_autoencoder(
     sample_size: int = 32,
 ):
     """A small diffusers AutoencoderKL: len(block_out_channels) - 1 halvings (32x32 -> 8x8), no
-    mid-block attention (measured ~3x faster on this CPU than with it, for the same quality class)."""
+    mid-block attention (faster on a CPU for the same quality class: design.md, experiments/fmnist_cpu)."""
     from diffusers import AutoencoderKL
 
     n = len(block_out_channels)
@@ -107,10 +107,12 @@ def small_autoencoder(
     )
 
 
-def codec_from_meta(meta: dict, prepared_dir: str | Path) -> nn.Module:
-    """The codec that wrote a prepared dataset, rebuilt from its meta.json (for decoding samples)."""
-    vae = meta["vae"]
+def codec_from_record(vae: dict, small_vae_dir: str | Path | None = None) -> nn.Module:
+    """The codec that wrote a prepared dataset, rebuilt from its record (meta.json's ``vae``: kind,
+    scale factor, path) for decoding samples; ``small_vae_dir`` holds the weights of a small VAE."""
     if vae["kind"] == "identity":
         return IdentityVAE(vae["scale_factor"])
-    path = Path(prepared_dir) / "vae" if vae["kind"] == "small_kl" else vae["path"]
+    path = small_vae_dir if vae["kind"] == "small_kl" else vae["path"]
+    if path is None:
+        raise ValueError(f"the {vae['kind']} VAE's weights are not at hand; expected its folder")
     return PretrainedVAE(str(path), scale_factor=vae["scale_factor"])

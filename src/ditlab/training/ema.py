@@ -23,8 +23,8 @@ from ditlab.training.parallel import full_state_dict, is_sharded, local, materia
 
 
 class _Pairs(NamedTuple):
-    """The tensors ``EMA.update`` works on, listed once (walking the module tree every step costs
-    host time that grows with depth: 3.4 ms a step for a 28-block DiT on this CPU, 0.5-0.8 ms listed)."""
+    """The tensors ``EMA.update`` works on, listed once: walking the module tree every step costs
+    host time that grows with depth (measured in experiments/benchmarks/README.md)."""
 
     net: nn.Module  # the network they were listed for
     averaged: list[tuple[torch.Tensor, torch.Tensor]]  # (trainable parameter, its average)
@@ -33,7 +33,7 @@ class _Pairs(NamedTuple):
 
     def still_registered(self) -> bool:
         """Whether every listed tensor is still the one its module holds: a load with ``assign=True``,
-        sharding or a move may put new tensors in place (~40 us for 584 tensors: no walk of the tree)."""
+        sharding or a move may put new tensors in place (identity checks: no walk of the tree)."""
         return all(store.get(name) is t for store, name, t in self.slots)
 
 

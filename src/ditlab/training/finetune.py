@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from ditlab.models.weights import read_dit_weights
+
 log = logging.getLogger("ditlab.finetune")
 
 LABEL_TABLE = "y_embedder.embedding_table.weight"
@@ -37,23 +39,6 @@ def check_source(path: str | Path) -> Path:
             "a ditlab .ckpt or a diffusers DiT folder"
         )
     return path
-
-
-def read_source_weights(path: str | Path, ema: bool = True) -> dict[str, torch.Tensor]:
-    """The official-layout state_dict of a DiT in any of the supported formats, on the CPU."""
-    path = check_source(path)
-    if path.is_dir():
-        from ditlab.interop.diffusers_dit import load_diffusers_dit
-
-        return load_diffusers_dit(path).state_dict()
-    if path.suffix == ".ckpt":
-        from ditlab.inference import load_network
-
-        net, _, _ = load_network(path, ema)
-        return net.state_dict()
-    from ditlab.models.official import read_state_dict
-
-    return read_state_dict(path)
 
 
 def _describe(sd: dict[str, torch.Tensor]) -> dict:
@@ -138,7 +123,7 @@ def freeze_by_name(net: torch.nn.Module, freeze=(), train_only=None) -> int:
 
 def init_from_weights(net: torch.nn.Module, path: str | Path, ema: bool = True) -> list[str]:
     """Copy the weights at ``path`` into ``net`` (a freshly built DiT), adapted as described above."""
-    source = read_source_weights(path, ema)
+    source = read_dit_weights(check_source(path), ema).state_dict
     state, notes = adapt_state_dict(source, net, origin=f"init_from={str(path)!r}")
     net.load_state_dict(state, strict=True)
     return notes

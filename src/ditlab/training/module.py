@@ -16,10 +16,10 @@ from lightning import LightningModule
 from torchmetrics.aggregation import MeanMetric
 
 from ditlab.seeding import stream_generator, stream_seed
+from ditlab.training.cadence import logs_this_step, on_progress_bar
 from ditlab.training.ema import EMA
-from ditlab.training.nonfinite import NonFiniteSteps, skips_on_device
+from ditlab.training.nonfinite import NonFiniteSteps
 from ditlab.training.parallel import checkpointed_blocks, is_sharded, parallelize
-from ditlab.training.steps import logs_this_step, on_progress_bar
 
 
 class DiTModule(LightningModule):
@@ -64,9 +64,6 @@ class DiTModule(LightningModule):
         self.seed = seed
         self.config_yaml: str | None = None  # the resolved run config, stored in every checkpoint
         self.nonfinite = NonFiniteSteps(max_nonfinite_steps)
-        self._loss: torch.Tensor | None = None
-        self._keep: torch.Tensor | None = None  # 0-dim 0./1. on the device: was this step's update kept
-        self._logging = False
         self.train_means = torch.nn.ModuleDict()  # logged training values: running means between logs
         self._parallelized = False
         # Whether the network draws its label dropout from a generator it is handed (ditlab's DiT);
@@ -101,7 +98,7 @@ class DiTModule(LightningModule):
         params = [p for p in self.net.parameters() if p.requires_grad]
         extra = {}
         # Fused AdamW (one kernel over all parameters) unless optim.optimizer.fused=false: on CUDA, and
-        # on the CPU too (there 4.4 ms a step instead of 12.2 for the 7.4M fmnist DiT, timed alone).
+        # on the CPU too, where it is faster as well (experiments/benchmarks/README.md).
         if self.device.type in ("cuda", "cpu") and "fused" in inspect.signature(self.optimizer_factory).parameters:
             extra = {"fused": getattr(self.optimizer_factory, "keywords", {}).get("fused") is not False}
         optimizer = self.optimizer_factory(params, **extra)
@@ -123,8 +120,8 @@ class DiTModule(LightningModule):
         )
         # Label dropout draws inside the model from its own stream. Handed as a generator, not by
         # reseeding the global RNG: torch.manual_seed also queues a seed for every lazy accelerator
-        # backend (CUDA, XPU, MTIA), formatting a stack trace for each: 0.3-1 ms of host time a step
-        # on this CPU (it grows with the stack's depth; 10% of a host-bound step in py-spy).
+        # backend (CUDA, XPU, MTIA), formatting a stack trace for each, host time that a small
+        # model's step cannot spare (measured in experiments/benchmarks/README.md).
         model_kwargs = {"y": labels}
         if self._takes_dropout_generator:
             model_kwargs["dropout_generator"] = stream_generator(device, self.seed, "label_dropout", *at)
@@ -143,7 +140,6 @@ class DiTModule(LightningModule):
             for name, mean in self.train_means.items():
                 self.log(f"train/{name}", mean.compute(), on_step=True, on_epoch=False, prog_bar=bar and name == "loss")
                 mean.reset()
-        self._loss = loss.detach()
         return loss
 
     def _window_mean(self, name: str, device) -> MeanMetric:
@@ -154,41 +150,33 @@ class DiTModule(LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # The gradient norm only when it is logged, or when the non-finite guard needs it (that
-        # guard syncs with the host every step by design; module.max_nonfinite_steps=0 turns it off).
+        # guard syncs with the host every step unless the optimizer is fused; module.max_nonfinite_steps=0
+        # turns it off).
         logging = logs_this_step(self.trainer)
-        norm = None
-        if logging or self.nonfinite.max_consecutive > 0:
-            grads = [p.grad for p in self.ema.trainable(self.net) if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads) if grads else None
-            if norm is not None and is_sharded(norm):  # sharded gradients: the shards' norms make the full norm
-                norm = norm.full_tensor()
-        self._keep, self._logging = None, logging
+        norm = self._grad_norm() if logging or self.nonfinite.enabled else None
         torch_optimizer = getattr(optimizer, "_optimizer", optimizer)  # Lightning may hand its wrapper
-        if norm is not None and self.nonfinite.max_consecutive > 0 and skips_on_device(torch_optimizer):
-            # Fused AdamW skips its whole update on the device when found_inf is 1 (GradScaler's
-            # mechanism): no host sync; the EMA step is masked the same way.
-            torch_optimizer.found_inf = self.nonfinite.flag(norm)
-            self._keep = 1.0 - torch_optimizer.found_inf
-        elif self.nonfinite.check(self._loss, norm):  # skip: drop every gradient, the optimizer updates nothing
-            optimizer.zero_grad(set_to_none=True)
+        self.nonfinite.before_optimizer_step(torch_optimizer, norm, logging)
         if logging:
             if norm is not None:
                 self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
             self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
-            on_device = self.nonfinite.skipped_on_device
-            skipped = float(self.nonfinite.skipped + self.nonfinite.skip_this_step) if on_device is None else on_device
-            self.log("train/skipped_steps", skipped, on_step=True, on_epoch=False)
+            self.log("train/skipped_steps", self.nonfinite.skipped_so_far(), on_step=True, on_epoch=False)
+
+    def _grad_norm(self) -> torch.Tensor | None:
+        """The global 2-norm of the trainable parameters' gradients (None when there are none)."""
+        grads = [p.grad for p in self.ema.trainable(self.net) if p.grad is not None]
+        if not grads:
+            return None
+        norm = torch.nn.utils.get_total_norm(grads)
+        return norm.full_tensor() if is_sharded(norm) else norm  # sharded: the shards' norms make the full norm
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         # Here, not in on_train_batch_end: Lightning runs the checkpoint callback's batch-end hook
         # before the module's, so a checkpoint at step N would hold the EMA after N - 1 updates.
-        if self._keep is not None:  # the device path: masked, and the streak read only when logging
-            self.ema.update(self.net, keep=self._keep)
-            if self._logging:
-                self.nonfinite.sync(self.global_step)
-        elif self.nonfinite.end_step(self.global_step):  # a skipped (non-finite) step leaves the EMA alone
-            self.ema.update(self.net)
+        ema_step = self.nonfinite.after_optimizer_step(self.global_step)
+        if ema_step.update:  # a skipped (non-finite) step leaves the EMA alone; the device path masks it
+            self.ema.update(self.net, keep=ema_step.keep)
 
     def validation_step(self, batch, batch_idx: int):
         latents, labels = batch

@@ -1,0 +1,80 @@
+"""The FID reference statistics of a prepared dataset: the feature mean, covariance and a feature
+subset of real images (``ditlab.metrics.reference.ReferenceStats``). For the offline extractor
+(``clf``) the dataset classifier that defines the feature space is trained first."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ditlab.data.prepared import PreparedDir
+from ditlab.data.sources import collate_skipping_failures
+from ditlab.data.transforms import model_range_to_uint8
+from ditlab.metrics.fidelity import Extractor
+from ditlab.metrics.reference import ReferenceStats
+from ditlab.pipelines.fit_classifier import train_classifier
+
+log = logging.getLogger("ditlab.prepare")
+
+
+@dataclass
+class ReferenceSettings:
+    """``data.reference``: which statistics prepare computes.
+
+    extractor: inception (torch-fidelity's Inception), clf (a classifier trained here, offline) or None.
+    weights_path: inception only: a local weights file where there is no network.
+    split / max_images: the real images (None: the whole split).
+    classifier_steps / classifier_seconds / classifier_width: clf only: its training length (steps,
+        cosine lr to 0; None: until the seconds run out), a guard in seconds, its first stage's width.
+    """
+
+    extractor: str | None = "inception"
+    weights_path: str | None = None
+    split: str = "train"
+    max_images: int | None = 50000
+    classifier_seconds: float = 300.0
+    classifier_steps: int | None = None
+    classifier_width: int = 16
+
+    def extractor_weights(self, prepared: PreparedDir) -> str | None:
+        """Where the extractor's weights are: the prepared dir's classifier for clf."""
+        return str(prepared.classifier) if self.extractor == "clf" else self.weights_path
+
+
+def write_reference(settings: ReferenceSettings, sources: dict, prepared: PreparedDir, device) -> Path:
+    """Compute and save ``prepared.reference(extractor)`` (skipped when it exists); returns its path."""
+    kind = settings.extractor
+    path = prepared.reference(kind)
+    if path.is_file():
+        log.info(f"{path.name}: already computed, skipped")
+        return path
+    if kind == "clf" and not (prepared.classifier / "classifier.json").is_file():
+        train_classifier(
+            sources["train"],
+            sources.get("val", sources["train"]),
+            len(sources["train"].classes),
+            prepared.classifier,
+            seconds=settings.classifier_seconds,
+            max_steps=settings.classifier_steps or 1_000_000,
+            width=settings.classifier_width,
+            log=log.info,
+            device=device,
+        )
+    extractor = Extractor(kind, settings.extractor_weights(prepared), device=str(device))
+    source = sources[settings.split]
+    count = len(source) if settings.max_images is None else min(len(source), settings.max_images)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(source, range(count)), batch_size=500, collate_fn=collate_skipping_failures
+    )
+    features = []
+    for images, _labels, _keys, _failed in tqdm(loader, desc=f"{path.stem} ({settings.split})", unit="batch"):
+        if images is not None:
+            features.append(extractor(model_range_to_uint8(images).permute(0, 3, 1, 2))["features"])
+    image_size = getattr(source, "image_size", None)
+    ReferenceStats.from_features(torch.cat(features), kind, image_size=image_size).save(path)
+    log.info(f"{path.name}: statistics of {count} {settings.split} images")
+    return path

@@ -1,0 +1,151 @@
+"""How every command reports bad input: one line ``ditlab.<command>: error: ...``, exit status 2,
+and no run dir left behind.
+
+``hydra_command`` replaces ``@hydra.main`` for the commands: Hydra composes the config (and
+creates the run dir) before our code runs, and prints ~20 lines for an unknown option; this turns a
+composition error into one line too, and removes a run dir that this invocation created for nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import re
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import InstantiationException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+CONF_DIR = str(Path(__file__).parents[1] / "conf")
+BAD_INPUT_EXIT = 2
+INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
+
+
+def fail(prog: str, message: str, code: int = BAD_INPUT_EXIT, remove_run_dir: bool = True):
+    """Print ``<prog>: error: <first line of message>`` and exit with ``code``."""
+    if remove_run_dir:
+        remove_fresh_run_dir()
+    print(f"{prog}: error: {first_line(message)}", file=sys.stderr)
+    sys.exit(code)
+
+
+def first_line(message) -> str:
+    lines = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(message).__name__
+
+
+def config_error_message(err) -> str:
+    """OmegaConf's errors (a ``???`` left unset, a bad interpolation) as one line naming the key."""
+    key = getattr(err, "full_key", None)
+    if isinstance(err, MissingMandatoryValue) and key:
+        return f"{key}=??? is not set; expected {key}=<value> on the command line"
+    return f"{key}: {first_line(err)}" if key else first_line(err)
+
+
+def exit_on_error(prog: str, fn: Callable, *args, errors=INPUT_ERRORS):
+    """Run a command; a bad input becomes one line on stderr and exit status 2 (no traceback).
+    An object the config could not build (Hydra's InstantiationException) is judged by its cause."""
+    try:
+        return fn(*args)
+    except OmegaConfBaseException as err:
+        fail(prog, config_error_message(err))
+    except InstantiationException as err:
+        if not isinstance(err.__cause__, errors):
+            raise
+        fail(prog, str(err.__cause__) or type(err.__cause__).__name__)
+    except errors as err:
+        fail(prog, str(err) or type(err).__name__)
+
+
+def remove_fresh_run_dir() -> None:
+    """Remove the run dir Hydra made for this invocation when it holds nothing but Hydra's own files."""
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    out = Path(hydra_cfg.runtime.output_dir)
+    if not out.is_dir() or out.resolve() == Path.cwd().resolve():
+        return
+    own = {".hydra", f"{hydra_cfg.job.name}.log"}
+    if all(entry.name in own for entry in out.iterdir()):
+        shutil.rmtree(out, ignore_errors=True)
+        for parent in list(out.parents)[:2]:  # outputs/<command>/ made for it too, when now empty
+            if parent.resolve() == Path.cwd().resolve() or any(parent.iterdir()):
+                break
+            parent.rmdir()
+
+
+def _unparsable(overrides: list[str]) -> str | None:
+    """The first command-line override Hydra's grammar rejects (its message does not name it)."""
+    parser = OverridesParser.create()
+    for override in overrides:
+        if override.startswith("-"):
+            continue  # -m, --cfg, ...
+        try:
+            parser.parse_override(override)
+        except Exception:  # noqa: BLE001 - any parse failure names this override
+            return override
+    return None
+
+
+def composition_error(text: str, overrides: list[str] = ()) -> str:
+    """Hydra's multi-line composition report -> one line naming the bad value and what was expected."""
+    missing = re.search(r"Could not find '([^']+)/([^']+)'", text)
+    if missing:
+        group, option = missing.groups()
+        options = [o.strip() for o in re.findall(r"^\t(\S+)$", text, flags=re.M) if o.strip() != "base"]
+        expected = f"one of {', '.join(options)}" if options else f"an option of config group {group}"
+        return f"{group}={option}: Could not find '{group}/{option}'; expected {expected}"
+    lines = [
+        line.strip()
+        for line in text.splitlines()
+        if line.strip() and "HYDRA_FULL_ERROR" not in line and not line.startswith("Traceback")
+    ]
+    if not lines:
+        return "the command line could not be parsed"
+    bad = _unparsable(list(overrides)) if overrides else None
+    if bad is not None:
+        return f"{bad}: {lines[0]}; expected key=value in Hydra's override grammar"
+    key_error = next((line for line in lines if line.startswith("Key '")), None)
+    return f"{lines[0]} ({key_error})" if key_error and key_error != lines[0] else lines[0]
+
+
+def hydra_command(prog: str, config_name: str):
+    """Decorator: ``@hydra_command("ditlab.train", "train")`` instead of ``@hydra.main``."""
+
+    def decorate(task: Callable) -> Callable[[], None]:
+        real_stderr = {}
+
+        @functools.wraps(task)
+        def composed(cfg):
+            if "stderr" in real_stderr:  # composition succeeded: our own messages go to the terminal
+                sys.stderr = real_stderr.pop("stderr")
+            return task(cfg)
+
+        hydra_main = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(composed)
+
+        @functools.wraps(task)
+        def entry() -> None:
+            captured = io.StringIO()
+            real_stderr["stderr"] = sys.stderr
+            sys.stderr = captured
+            try:
+                hydra_main()
+            except SystemExit as stop:
+                if sys.stderr is captured and stop.code not in (0, None):  # Hydra gave up before our task ran
+                    sys.stderr = real_stderr.pop("stderr")
+                    fail(prog, composition_error(captured.getvalue(), sys.argv[1:]), remove_run_dir=False)
+                raise
+            finally:
+                if sys.stderr is captured:  # e.g. --help, --cfg: pass Hydra's output on
+                    sys.stderr = real_stderr.pop("stderr")
+                    sys.stderr.write(captured.getvalue())
+
+        return entry
+
+    return decorate

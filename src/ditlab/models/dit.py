@@ -155,6 +155,14 @@ def attention(dim: int, num_heads: int, qk_norm: bool = False, rope: bool = Fals
     return attn
 
 
+class HeadRMSNorm(nn.RMSNorm):
+    """RMSNorm over a head's channels, with its gain cast to the input's dtype: under autocast q and k
+    arrive in bf16 while the gain is an fp32 parameter, and mixed dtypes miss the fused kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 class SelfAttention(nn.Module):
     """timm's attention plus LightningDiT's two options. QK-norm: an RMSNorm over each head's channels
     of q and of k, with a learned gain: nothing modulates q and k afterwards, and unit-RMS q and k alone
@@ -165,8 +173,8 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm = HeadRMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = HeadRMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim, bias=True)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

@@ -246,3 +246,95 @@ def invoke_main(main, prog: str, args: list[str], monkeypatch, capsys) -> tuple[
         code = stop.code or 0
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def seed_reference_dit(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10):
+    """The official DiT as the seed's model code writes it (timm's PatchEmbed / Attention / Mlp, the
+    numpy float64 sin-cos table, learn_sigma, label dropout 0.1), independent of ditlab's model: the
+    reference that ditlab's official layout must load strictly and match to 0.0. Eval mode."""
+    import math
+
+    import numpy as np
+    import torch
+    import torch.nn as nn
+    from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
+
+    def modulate(x, shift, scale):
+        return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+    def sincos_1d(dim, pos):
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    def sincos_2d(dim, grid_size):
+        grid = np.stack(np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32)))
+        return np.concatenate([sincos_1d(dim // 2, grid[0]), sincos_1d(dim // 2, grid[1])], axis=1)
+
+    class TimestepEmbedder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = nn.Sequential(nn.Linear(256, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+        def forward(self, t):
+            freqs = torch.exp(-math.log(10000) * torch.arange(0, 128, dtype=torch.float32) / 128)
+            args = t[:, None].float() * freqs[None]
+            return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+    class LabelEmbedder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+        def forward(self, y):
+            return self.embedding_table(y)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+            self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+            self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+            gelu = lambda: nn.GELU(approximate="tanh")  # noqa: E731
+            self.mlp = Mlp(in_features=hidden_size, hidden_features=4 * hidden_size, act_layer=gelu, drop=0)
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+        def forward(self, x, c):
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+            x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+            return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+    class FinalLayer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+            self.linear = nn.Linear(hidden_size, patch_size * patch_size * 2 * in_channels)
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+        def forward(self, x, c):
+            shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+            return self.linear(modulate(self.norm_final(x), shift, scale))
+
+    class SeedDiT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
+            self.t_embedder = TimestepEmbedder()
+            self.y_embedder = LabelEmbedder()
+            grid = input_size // patch_size
+            table = torch.from_numpy(sincos_2d(hidden_size, grid)).float().unsqueeze(0)
+            self.pos_embed = nn.Parameter(table, requires_grad=False)
+            self.blocks = nn.ModuleList([Block() for _ in range(depth)])
+            self.final_layer = FinalLayer()
+
+        def forward(self, x, t, y):
+            x = self.x_embedder(x) + self.pos_embed
+            c = self.t_embedder(t) + self.y_embedder(y)
+            for block in self.blocks:
+                x = block(x, c)
+            x = self.final_layer(x, c)
+            p, c_out, h = patch_size, 2 * in_channels, int(x.shape[1] ** 0.5)
+            x = torch.einsum("nhwpqc->nchpwq", x.reshape(x.shape[0], h, h, p, p, c_out))
+            return x.reshape(x.shape[0], c_out, h * p, h * p)
+
+    return SeedDiT().eval()

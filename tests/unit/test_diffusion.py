@@ -66,7 +66,7 @@ def test_samplers_recover_gaussian_data(name, steps, learn_sigma, rel):
 
 
 def test_every_registered_sampler_is_tested_against_its_objective():
-    tested = {"ddpm", "ddim", "dpmpp_2m", "unipc", "ode_euler", "ode_heun", "flow_euler", "flow_heun"}
+    tested = {"ddpm", "ddim", "dpmpp_2m", "unipc", "ode_euler", "ode_heun", "flow_euler", "flow_heun", "flow_sde"}
     assert set(SAMPLERS) == tested
 
 
@@ -312,3 +312,190 @@ def test_logit_normal_t_is_a_sigmoid_of_the_given_normal():
         FlowMatching(t_sampling="lognormal")
     with pytest.raises(ValueError, match="t_std must be > 0"):
         FlowMatching(t_sampling="logit_normal", t_std=0.0)
+
+
+# ------------------------------------------------------------------ SiT's SDE sampler, timestep shift, cosine loss
+def seeded_noise(seed):
+    gen = torch.Generator().manual_seed(seed)
+    return lambda like: torch.randn(like.shape, generator=gen)
+
+
+@pytest.mark.parametrize(
+    "steps,last_step,shift,rel",
+    [(250, "mean", 1.0, 0.01), (100, "euler", 1.0, 0.02), (100, "mean", 3.0, 0.02)],
+)
+def test_flow_sde_recovers_gaussian_data(steps, last_step, shift, rel):
+    """Euler-Maruyama is first order: at S = 2 its std is 2% low at 50 steps, 1% at 100, 0.1% at 250."""
+    start = torch.randn(2000, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    sampler = Sampler("flow_sde", steps, last_step=last_step, shift=shift)
+    samples = sampler(optimal_velocity, FlowMatching(), start, noise=seeded_noise(2))
+    check_gaussian_samples(samples, rel)
+    # stochastic: the end forgets part of its start (the ODE maps it linearly: correlation 1)
+    corr = torch.corrcoef(torch.stack([samples.flatten(), start.flatten()]))[0, 1].item()
+    assert corr < 0.9
+    ode = Sampler("flow_euler", 50)(optimal_velocity, FlowMatching(), start)
+    assert torch.corrcoef(torch.stack([ode.flatten(), start.flatten()]))[0, 1].item() > 0.999
+
+
+def test_flow_sde_step_is_euler_maruyama_with_sits_coefficient():
+    """One noisy step and the last step, against the SDE written out: drift v - w score with w(t) = t and
+    score = -(x + (1 - t) v) / t, noise sqrt(2 w |dt|); noise comes from the given callable only."""
+    x = torch.randn(3, 2, 2, 2)
+    z = torch.randn(3, 2, 2, 2)
+    seen_t = []
+
+    def model(xx, tt, y=None):
+        seen_t.append(tt[0].item())
+        return 0.3 * xx + 0.1  # any velocity field
+
+    calls = []
+    out = Sampler("flow_sde", 2, last_step_size=0.25)(model, FlowMatching(), x, noise=lambda like: calls.append(1) or z)
+    assert seen_t == [1000.0, 250.0] and len(calls) == 1  # the model sees t * time_scale; one noisy step
+    t, dt = 1.0, -0.75
+    v = 0.3 * x + 0.1
+    score = -(x + (1 - t) * v) / t
+    x1 = x + dt * (v - t * score) + math.sqrt(-2 * t * dt) * z
+    t, dt = 0.25, -0.25
+    v = 0.3 * x1 + 0.1
+    expected = x1 + dt * (v - t * (-(x1 + (1 - t) * v) / t))  # the "mean" last step: the drift, no noise
+    assert torch.allclose(out, expected, atol=1e-6)
+    euler_last = Sampler("flow_sde", 2, last_step_size=0.25, last_step="euler")(
+        model, FlowMatching(), x, noise=lambda like: z
+    )
+    assert torch.allclose(euler_last, x1 + dt * v, atol=1e-6)
+
+
+def test_timestep_shift_one_is_the_identity_bit_for_bit():
+    from ditlab.diffusion.samplers import flow_time_grid, sde_time_grid, shift_time
+
+    t = torch.rand(10000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(shift_time(t, 1.0), t)
+    for steps in (1, 7, 50, 250):
+        assert torch.equal(flow_time_grid(steps, 1.0), torch.linspace(1.0, 0.0, steps + 1))
+        assert torch.equal(
+            sde_time_grid(steps + 1, 0.04, 1.0), torch.cat([torch.linspace(1.0, 0.04, steps + 1), torch.zeros(1)])
+        )
+    start = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    plain, shifted = (
+        Sampler("flow_heun", 10, **kw)(optimal_velocity, FlowMatching(), start) for kw in ({}, {"shift": 1.0})
+    )
+    assert torch.equal(plain, shifted)
+
+
+def test_timestep_shift_is_sd3s_formula_and_lightningdits_reversed():
+    from ditlab.diffusion.samplers import flow_time_grid, sde_time_grid, shift_time
+
+    t = torch.linspace(0, 1, 101, dtype=torch.float64)
+    assert torch.allclose(shift_time(t, 3.0), 3 * t / (1 + 2 * t))
+    grid = flow_time_grid(20, 3.0)
+    assert grid[0].item() == 1.0 and grid[-1].item() == 0.0 and (grid.diff() < 0).all()
+    assert (grid[1:-1] > torch.linspace(1, 0, 21)[1:-1]).all()  # s > 1: the grid leans toward noise
+    # LightningDiT: time 0 = noise, t' = s t / (1 + (s - 1) t) with timestep_shift 0.3, on linspace(0, 1, 250)
+    theirs = torch.linspace(0, 1, 250, dtype=torch.float64)
+    theirs = 0.3 * theirs / (1 + (0.3 - 1) * theirs)
+    assert torch.allclose(flow_time_grid(249, 1 / 0.3).double(), 1 - theirs, atol=1e-6)
+    # SDE grid: shifted inside, its ends kept (1, last_step_size, 0)
+    sde = sde_time_grid(30, 0.04, 3.0)
+    assert sde[0].item() == 1.0 and sde[-2].item() == pytest.approx(0.04) and sde[-1].item() == 0.0
+    start = torch.randn(2000, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    check_gaussian_samples(Sampler("flow_heun", 15, shift=3.0)(optimal_velocity, FlowMatching(), start), 0.02)
+
+
+def test_flow_sampler_options_are_checked_at_config_time():
+    with pytest.raises(ValueError, match="shift=0.0 must be a finite number > 0"):
+        Sampler("flow_euler", 10, shift=0.0)
+    with pytest.raises(ValueError, match=r"unknown sampler last_step='tweedie'; expected one of \('mean', 'euler'\)"):
+        Sampler("flow_sde", 10, last_step="tweedie")
+    with pytest.raises(ValueError, match="last_step_size=1.5 must be in"):
+        Sampler("flow_sde", 10, last_step_size=1.5)
+    with pytest.raises(ValueError, match="steps=1 must be an integer >= 2 for flow_sde"):
+        Sampler("flow_sde", 1)
+    with pytest.raises(ValueError, match="has no option 'shift'"):
+        Sampler("ddpm", 50, shift=3.0)
+    with pytest.raises(ValueError, match="has no option 'last_step'"):
+        Sampler("flow_heun", 10, last_step="mean")
+    assert Sampler("flow_sde", 50).nfe() == 50 and Sampler("flow_sde", 2).steps == 2
+
+
+def test_flow_sde_draws_from_the_noise_it_is_given():
+    start = torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    sampler = Sampler("flow_sde", 20)
+    a, b = (sampler(optimal_velocity, FlowMatching(), start, noise=seeded_noise(5)) for _ in range(2))
+    c = sampler(optimal_velocity, FlowMatching(), start, noise=seeded_noise(6))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def cosine_loss_ref(v_pred, v_target):
+    """1 - cosine over the channels at each position, averaged over the positions: (N, C, H, W) -> (N,)."""
+    dot = (v_pred * v_target).sum(dim=1)
+    norms = v_pred.square().sum(dim=1).sqrt() * v_target.square().sum(dim=1).sqrt()
+    return (1 - dot / norms).mean(dim=(1, 2))
+
+
+def test_cosine_loss_is_the_plain_formula_and_adds_with_its_coefficient():
+    x0, noise = torch.randn(5, 4, 3, 3), torch.randn(5, 4, 3, 3)
+    v_pred = (noise - x0) + 0.7 * torch.randn(5, 4, 3, 3)
+    t = torch.rand(5)
+    terms = FlowMatching(cos_coef=0.5).training_losses(lambda x, tt, y=None: v_pred, x0, t, noise=noise)
+    expected_cos = cosine_loss_ref(v_pred, noise - x0)
+    expected_mse = ((v_pred - (noise - x0)) ** 2).mean(dim=(1, 2, 3))
+    assert torch.allclose(terms["cos"], expected_cos, atol=1e-6)
+    assert torch.allclose(terms["loss"], expected_mse + 0.5 * expected_cos, atol=1e-6)
+    assert torch.allclose(terms["mse"], expected_mse, atol=1e-6)
+    # the direction term is 0 for the right direction at any length, 2 for the opposite one
+    assert torch.allclose(cosine_loss_ref(3 * (noise - x0), noise - x0), torch.zeros(5), atol=1e-6)
+    same = FlowMatching(cos_coef=1.0).training_losses(lambda x, tt, y=None: 3 * (noise - x0), x0, t, noise=noise)
+    assert torch.allclose(same["cos"], torch.zeros(5), atol=1e-6)
+    with pytest.raises(ValueError, match="cos_coef must be >= 0, got -1"):
+        FlowMatching(cos_coef=-1.0)
+
+
+def test_cosine_coefficient_zero_is_todays_loss_bit_for_bit():
+    torch.manual_seed(0)
+    model = DiT(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=2)
+    model.final_layer.linear.weight.data.normal_(0, 0.1)  # a non-zero output
+    model.eval()  # no label dropout: two forwards are the same computation
+    x0, noise, t, y = torch.randn(4, 4, 4, 4), torch.randn(4, 4, 4, 4), torch.rand(4), torch.tensor([0, 1, 0, 1])
+
+    def todays_loss():  # FlowMatching.training_losses before the cosine term, written out
+        x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
+        v = model(x_t, t * 1000.0, y)[:, :4]
+        return ((v - (noise - x0)) ** 2).mean(dim=[1, 2, 3])
+
+    def grads(loss):
+        model.zero_grad()
+        loss.mean().backward()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    terms = FlowMatching().training_losses(model, x0, t, {"y": y}, noise=noise)
+    assert set(terms) == {"loss", "mse", "cos"}
+    today = todays_loss()
+    assert torch.equal(terms["loss"], today) and terms["loss"] is terms["mse"]
+    assert not terms["cos"].requires_grad  # watched, not trained on
+    assert all(torch.equal(a, b) for a, b in zip(grads(terms["loss"]), grads(todays_loss())))
+    weighted = FlowMatching(cos_coef=1.0).training_losses(model, x0, t, {"y": y}, noise=noise)
+    assert not torch.equal(weighted["loss"], today)
+
+
+def test_recipe_configs_compose_and_reach_their_objects():
+    """The new sampler options and the flow objective's cos_coef build from conf/; AdamW gets its betas."""
+    from hydra.utils import instantiate
+
+    from helpers import compose_cfg
+
+    for option, name, steps, shift in [
+        ("flow_sde50", "flow_sde", 50, 1.0),
+        ("flow_sde250", "flow_sde", 250, 1.0),
+        ("flow_euler_lightningdit", "flow_euler", 249, 1 / 0.3),
+    ]:
+        cfg = compose_cfg("train", ["diffusion=flow", f"sampler={option}"])  # (experiment=smoke sets steps)
+        sampler = instantiate(cfg.sampler)
+        sampler.check(instantiate(cfg.diffusion.objective))
+        assert (sampler.name, sampler.steps, sampler.options["shift"]) == (name, steps, pytest.approx(shift))
+    cfg = compose_cfg(
+        "train",
+        ["experiment=smoke", "diffusion=flow", "diffusion.objective.cos_coef=1.0", "optim.optimizer.betas=[0.9,0.95]"],
+    )
+    assert instantiate(cfg.diffusion.objective).cos_coef == 1.0
+    optimizer = instantiate(cfg.optim.optimizer)([torch.nn.Parameter(torch.zeros(2))])
+    assert optimizer.param_groups[0]["betas"] == (0.9, 0.95)

@@ -3,7 +3,8 @@
 x_t = (1 - t) x_0 + t eps for t in [0, 1] (t = 1 is pure noise); the model predicts the velocity
 dx_t/dt = eps - x_0. Sampling integrates the ODE from t = 1 to t = 0. The DiT model is reused
 unchanged: it sees t * ``time_scale`` so continuous time covers the timestep embedding's usual range.
-The ODE solvers (``flow_euler``, ``flow_heun``) are in ``samplers``.
+The solvers (``flow_euler``, ``flow_heun``, and SiT's stochastic ``flow_sde``) and the sampling
+grid's timestep shift are in ``samplers``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from ditlab.diffusion.gaussian import mean_flat
 
@@ -22,19 +24,29 @@ class FlowMatching:
     time_scale: what the model sees for t = 1.
     t_sampling: "uniform" (SiT) or "logit_normal": t = sigmoid(N(t_mean, t_std)), which trains
         the middle of the path more than its ends (Esser et al. 2024, SD3).
+    cos_coef: weight of LightningDiT's velocity-direction loss, ``loss = mse + cos_coef * cos`` with
+        ``cos`` = 1 - cosine(predicted, target velocity); 0 (the default) trains on the MSE alone.
     """
 
     learn_sigma = False
 
     def __init__(
-        self, time_scale: float = 1000.0, t_sampling: str = "uniform", t_mean: float = 0.0, t_std: float = 1.0
+        self,
+        time_scale: float = 1000.0,
+        t_sampling: str = "uniform",
+        t_mean: float = 0.0,
+        t_std: float = 1.0,
+        cos_coef: float = 0.0,
     ):
         if t_sampling not in T_SAMPLINGS:
             raise ValueError(f"unknown t_sampling {t_sampling!r}; expected one of {T_SAMPLINGS}")
         if t_std <= 0:
             raise ValueError(f"t_std must be > 0, got {t_std}")
+        if cos_coef < 0:
+            raise ValueError(f"cos_coef must be >= 0, got {cos_coef}")
         self.time_scale = float(time_scale)
         self.t_sampling, self.t_mean, self.t_std = t_sampling, float(t_mean), float(t_std)
+        self.cos_coef = float(cos_coef)
 
     def sample_t(self, batch_size: int, device: torch.device | str = "cpu", generator=None) -> torch.Tensor:
         if self.t_sampling == "uniform":
@@ -54,8 +66,21 @@ class FlowMatching:
         return out[:, : x.shape[1]]  # a learn_sigma model's extra channels are ignored
 
     def training_losses(self, model: Callable, x_start, t, model_kwargs=None, noise=None) -> dict:
-        """Per-sample velocity MSE (``loss`` = ``mse``), same interface as GaussianDiffusion."""
+        """Per-sample terms, same interface as GaussianDiffusion: ``mse`` (velocity MSE), ``cos`` (the
+        direction term, logged whatever its weight) and ``loss`` = mse + cos_coef * cos."""
         noise = torch.randn_like(x_start) if noise is None else noise
         x_t = self.interpolate(x_start, t, noise)
-        mse = mean_flat((self.velocity(model, x_t, t, model_kwargs) - (noise - x_start)) ** 2)
-        return {"loss": mse, "mse": mse}
+        v_pred, v_target = self.velocity(model, x_t, t, model_kwargs), noise - x_start  # (N, C, H, W)
+        mse = mean_flat((v_pred - v_target) ** 2)
+        if self.cos_coef == 0:  # the MSE alone, bit for bit; the direction term is only watched
+            return {"loss": mse, "mse": mse, "cos": velocity_direction_loss(v_pred.detach(), v_target)}
+        cos = velocity_direction_loss(v_pred, v_target)
+        return {"loss": mse + self.cos_coef * cos, "mse": mse, "cos": cos}
+
+
+def velocity_direction_loss(v_pred: torch.Tensor, v_target: torch.Tensor) -> torch.Tensor:
+    """LightningDiT's cosine loss as its code computes it: 1 - cosine similarity of the predicted and
+    target velocity over the channels at each position, averaged over positions: (N, C, ...) -> (N,).
+    Per position, so each pixel's latent vector is pointed the right way, not only the latent as a
+    whole. (With a single channel the cosine is a sign, and the term has no gradient.)"""
+    return mean_flat(1 - F.cosine_similarity(v_pred, v_target, dim=1))

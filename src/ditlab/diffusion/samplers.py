@@ -18,6 +18,14 @@ samplers (``generate`` passes per-sample streams; default ``torch.randn_like``).
     ode_heun      gaussian    Heun on the same ODE                                         2 steps - 1
     flow_euler    flow        Euler on the flow ODE from t = 1 to 0                        steps
     flow_heun     flow        Heun on the flow ODE (Euler on the last interval)            2 steps - 1
+    flow_sde      flow        SiT's Euler-Maruyama on the reverse SDE, last step without   steps
+                              noise (``last_step``: mean | euler, ``last_step_size``)
+
+The flow samplers take ``shift`` (default 1.0: none), SD3's timestep shift of the sampling grid,
+t' = s t / (1 + (s - 1) t) with t = 1 pure noise: s > 1 spends more steps at high noise. It is an
+option of the sampler, not of the objective, because it changes where the solver evaluates the
+model, not what the model learned. LightningDiT's ``timestep_shift`` counts time the other way
+(t = 1 is data there), so its 0.3 is ``shift`` = 1 / 0.3 here.
 """
 
 from __future__ import annotations
@@ -52,10 +60,14 @@ def ddpm(model, x, objective: GaussianDiffusion, steps: int, model_kwargs=None, 
     return x
 
 
-def ddim(model, x, objective: GaussianDiffusion, steps: int, model_kwargs=None, noise=None, progress=False, eta=0.0):
-    """DDIM (Song et al. 2021) on the process respaced to ``steps``; ``eta`` > 0 adds noise (1: DDPM-like)."""
+def check_eta(eta: float) -> None:
     if eta < 0:
         raise ValueError(f"sampler eta={eta} must be >= 0")
+
+
+def ddim(model, x, objective: GaussianDiffusion, steps: int, model_kwargs=None, noise=None, progress=False, eta=0.0):
+    """DDIM (Song et al. 2021) on the process respaced to ``steps``; ``eta`` > 0 adds noise (1: DDPM-like)."""
+    check_eta(eta)
     process = objective.respaced(steps)
     noise = noise or _randn_like
     for i in tqdm(range(process.num_timesteps - 1, -1, -1), disable=not progress, desc="ddim"):
@@ -125,8 +137,49 @@ ode_heun = _diffusers_solver(_heun_ve, "ode_heun")
 
 
 # ------------------------------------------------------------------------------ flow matching
-def _flow_ode(model, x, objective: FlowMatching, steps: int, model_kwargs, progress, heun: bool, label: str):
-    grid = torch.linspace(1.0, 0.0, steps + 1, device=x.device)  # t = 1 is pure noise
+LAST_STEPS = ("mean", "euler")
+
+
+def check_shift(shift: float) -> None:
+    if not shift > 0 or shift == float("inf"):
+        raise ValueError(f"sampler shift={shift} must be a finite number > 0 (1: no shift)")
+
+
+def check_last_step(last_step: str) -> None:
+    if last_step not in LAST_STEPS:
+        raise ValueError(f"unknown sampler last_step={last_step!r}; expected one of {LAST_STEPS}")
+
+
+def check_last_step_size(last_step_size: float) -> None:
+    if not 0 < last_step_size < 1:
+        raise ValueError(f"sampler last_step_size={last_step_size} must be in (0, 1)")
+
+
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's timestep shift (Esser et al. 2024): t' = s t / (1 + (s - 1) t). It keeps 0 and 1 and is
+    monotone; s = 1 is the identity bit for bit (1 * t / (1 + 0 * t) = t in floating point)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def flow_time_grid(steps: int, shift: float = 1.0, device=None) -> torch.Tensor:
+    """The ODE solvers' ``steps + 1`` times from t = 1 (pure noise) to 0: uniform, then shifted."""
+    check_shift(shift)
+    return shift_time(torch.linspace(1.0, 0.0, steps + 1, device=device), shift)
+
+
+def sde_time_grid(steps: int, last_step_size: float, shift: float = 1.0, device=None) -> torch.Tensor:
+    """``flow_sde``'s ``steps + 1`` times: ``steps - 1`` Euler-Maruyama intervals from t = 1 to
+    ``last_step_size``, then the last interval to 0. The shift moves the inner times, not the ends:
+    the uniform part runs to the point that the shift maps onto ``last_step_size``."""
+    check_shift(shift)
+    check_last_step_size(last_step_size)
+    end = shift_time(torch.tensor(last_step_size, dtype=torch.float64), 1 / shift).item()  # the inverse shift
+    noisy = shift_time(torch.linspace(1.0, end, steps, device=device), shift)  # (steps,)
+    return torch.cat([noisy, noisy.new_zeros(1)])
+
+
+def _flow_ode(model, x, objective: FlowMatching, steps: int, model_kwargs, progress, heun: bool, label: str, shift):
+    grid = flow_time_grid(steps, shift, device=x.device)  # t = 1 is pure noise
     for i in tqdm(range(steps), disable=not progress, desc=label):
         t, t_next = grid[i].expand(x.shape[0]), grid[i + 1].expand(x.shape[0])
         dt = (grid[i + 1] - grid[i]).item()  # negative
@@ -139,14 +192,59 @@ def _flow_ode(model, x, objective: FlowMatching, steps: int, model_kwargs, progr
     return x
 
 
-def flow_euler(model, x, objective: FlowMatching, steps: int, model_kwargs=None, noise=None, progress=False):
-    """Euler on dx/dt = v(x, t) from t = 1 to 0 on a uniform grid of ``steps`` intervals."""
-    return _flow_ode(model, x, objective, steps, model_kwargs, progress, heun=False, label="flow_euler")
+def flow_euler(model, x, objective: FlowMatching, steps: int, model_kwargs=None, noise=None, progress=False, shift=1.0):
+    """Euler on dx/dt = v(x, t) from t = 1 to 0 on ``steps`` intervals (uniform, then shifted)."""
+    return _flow_ode(model, x, objective, steps, model_kwargs, progress, heun=False, label="flow_euler", shift=shift)
 
 
-def flow_heun(model, x, objective: FlowMatching, steps: int, model_kwargs=None, noise=None, progress=False):
+def flow_heun(model, x, objective: FlowMatching, steps: int, model_kwargs=None, noise=None, progress=False, shift=1.0):
     """Heun (2nd order) on the flow ODE; NFE = 2 steps - 1."""
-    return _flow_ode(model, x, objective, steps, model_kwargs, progress, heun=True, label="flow_heun")
+    return _flow_ode(model, x, objective, steps, model_kwargs, progress, heun=True, label="flow_heun", shift=shift)
+
+
+def flow_score(x: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """grad log p_t(x) from the velocity, for x_t = (1 - t) x_0 + t eps: x_0 = eps - v gives
+    E[eps | x_t] = x_t + (1 - t) v, and the score of the Gaussian noise part is -E[eps | x_t] / t."""
+    return -(x + (1 - t) * v) / t
+
+
+def flow_sde(
+    model,
+    x,
+    objective: FlowMatching,
+    steps: int,
+    model_kwargs=None,
+    noise=None,
+    progress=False,
+    shift=1.0,
+    last_step="mean",
+    last_step_size=0.04,
+):
+    """SiT's stochastic sampler (Ma et al. 2024, ``Sampler.sample_sde`` with its defaults): Euler-Maruyama
+    on the reverse SDE that has the flow's marginals,
+
+        dx = [v(x, t) - w(t) score(x, t)] dt + sqrt(2 w(t)) dW,   t from 1 to 0 (dt < 0),
+
+    with SiT's "sigma" diffusion coefficient w(t) = t (the interpolant's noise level: much noise
+    early, none at the data) and the score from the velocity (``flow_score``). ``steps - 1`` noisy
+    steps to t = ``last_step_size``, then one step to t = 0 without noise, where the score divides
+    by t: ``last_step`` "mean" (the SDE's drift, SiT's default) or "euler" (the ODE's velocity).
+    NFE = steps; noise from ``noise(like)``."""
+    check_last_step(last_step)
+    if steps < 2:
+        raise ValueError(f"sampler flow_sde needs steps >= 2 (noisy steps, then the last one), got {steps}")
+    noise = noise or _randn_like
+    grid = sde_time_grid(steps, last_step_size, shift, device=x.device)  # (steps + 1,), 1 -> 0
+    for i in tqdm(range(steps), disable=not progress, desc="flow_sde"):
+        t, dt = grid[i], grid[i + 1] - grid[i]  # 0-d tensors, dt < 0: no host sync
+        v = objective.velocity(model, x, t.expand(x.shape[0]), model_kwargs)
+        w = t  # SiT's diffusion coefficient, "sigma" form
+        sde_drift = v - w * flow_score(x, v, t)
+        if i < steps - 1:
+            x = x + dt * sde_drift + torch.sqrt(-2 * w * dt) * noise(x)
+        else:  # the last interval ends at t = 0: no noise, the drift alone
+            x = x + dt * (sde_drift if last_step == "mean" else v)
+    return x
 
 
 # ------------------------------------------------------------------------------ the registry
@@ -155,6 +253,7 @@ class SamplerSpec:
     fn: Callable
     objective: type
     second_order: bool = False
+    min_steps: int = 1
 
     def nfe(self, steps: int) -> int:
         """Model evaluations per sample (guidance batches cond + uncond into the same evaluation)."""
@@ -170,6 +269,16 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "ode_heun": SamplerSpec(ode_heun, GaussianDiffusion, second_order=True),
     "flow_euler": SamplerSpec(flow_euler, FlowMatching),
     "flow_heun": SamplerSpec(flow_heun, FlowMatching, second_order=True),
+    "flow_sde": SamplerSpec(flow_sde, FlowMatching, min_steps=2),
+}
+
+
+# The samplers' own options, checked when a Sampler is configured (before any model is built).
+OPTION_CHECKS: dict[str, Callable] = {
+    "eta": check_eta,
+    "shift": check_shift,
+    "last_step": check_last_step,
+    "last_step_size": check_last_step_size,
 }
 
 
@@ -184,13 +293,14 @@ FAST_SAMPLERS = {GaussianDiffusion: ("dpmpp_2m", 20), FlowMatching: ("flow_heun"
 
 class Sampler:
     """A validated sampler choice from config: ``name``, ``steps`` (DDPM/DDIM: respaced steps) and
-    the sampler's own options (``eta`` for ddim). ``sampler(model, objective, x, model_kwargs, noise)``."""
+    the sampler's own options (``eta`` for ddim; ``shift`` for the flow samplers, and ``last_step``,
+    ``last_step_size`` for flow_sde). ``sampler(model, objective, x, model_kwargs, noise)``."""
 
     def __init__(self, name: str = "ddpm", steps: int = 250, **options):
         if name not in SAMPLERS:
             raise ValueError(f"unknown sampler {name!r}; expected one of {tuple(SAMPLERS)}")
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(f"sampler steps={steps!r} must be a positive integer")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < SAMPLERS[name].min_steps:
+            raise ValueError(f"sampler steps={steps!r} must be an integer >= {SAMPLERS[name].min_steps} for {name}")
         accepted = set(inspect.signature(SAMPLERS[name].fn).parameters) - {
             "model",
             "x",
@@ -205,8 +315,9 @@ class Sampler:
             raise ValueError(
                 f"sampler {name!r} has no option {sorted(unknown)[0]!r}; its options: {sorted(accepted) or 'none'}"
             )
-        if options.get("eta", 0) < 0:
-            raise ValueError(f"sampler eta={options['eta']} must be >= 0")
+        for option, value in options.items():
+            if option in OPTION_CHECKS:
+                OPTION_CHECKS[option](value)
         self.name, self.steps, self.options = name, steps, dict(options)
 
     @property
@@ -234,9 +345,8 @@ class Sampler:
         for kind, (name, steps) in FAST_SAMPLERS.items():
             if isinstance(objective, kind):
                 return cls(name, steps)
-        raise ValueError(
-            f"no fast sampler for a {type(objective).__name__} objective; expected one of {list(FAST_SAMPLERS)}"
-        )
+        kinds = [kind.__name__ for kind in FAST_SAMPLERS]
+        raise ValueError(f"no fast sampler for a {type(objective).__name__} objective; expected one of {kinds}")
 
     @torch.no_grad()
     def __call__(self, model: Callable, objective, x: torch.Tensor, model_kwargs=None, noise=None, progress=False):

@@ -60,6 +60,11 @@ def to_diffusers_state_dict(sd: dict[str, torch.Tensor], depth: int) -> dict[str
 def to_diffusers(model: DiT):
     from diffusers import DiTTransformer2DModel
 
+    if not model.official_layout:  # diffusers' DiT has LayerNorm, GELU, sin-cos positions and no QK-norm
+        raise ValueError(
+            f"a DiT with {model.switches} has no diffusers counterpart; expected the official layout "
+            "(model.norm=layer, mlp=gelu, pos=sincos, qk_norm=false)"
+        )
     target = DiTTransformer2DModel(**diffusers_config(model))
     target.load_state_dict(to_diffusers_state_dict(model.state_dict(), len(model.blocks)), strict=True)
     return target.eval()

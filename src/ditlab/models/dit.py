@@ -13,6 +13,17 @@ so an official checkpoint loads with ``load_state_dict(sd, strict=True)``:
 
 LayerNorms have no affine parameters (eps 1e-6): adaLN supplies shift and scale. Like the reference
 model, the patch embedding, attention and MLP are timm's layers (PatchEmbed, Attention, Mlp).
+
+LightningDiT's blocks (Yao et al. 2025, "Reconstruction vs. Generation") are switches whose defaults
+are the official layout: with all four at their defaults the module tree and the state_dict are the
+official ones. A switch changes only the modules it names:
+
+    norm: layer | rms          block and final norms: LayerNorm or RMSNorm (neither has parameters)
+    mlp: gelu | swiglu         blocks.N.mlp.{fc1,fc2} (GELU) or blocks.N.mlp.{w12,w3} (SwiGLU)
+    pos: sincos | rope2d | sincos_rope2d
+                               the absolute sin-cos table added to the tokens, or a 2-D rotary embedding
+                               of q and k in every attention, or both (LightningDiT's released code)
+    qk_norm: false | true      RMSNorm per head on q and k: blocks.N.attn.{q_norm,k_norm}.weight
 """
 
 from __future__ import annotations
@@ -21,7 +32,26 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import Attention, Mlp, PatchEmbed
+
+NORMS = ("layer", "rms")
+MLPS = ("gelu", "swiglu")
+POSITIONS = ("sincos", "rope2d", "sincos_rope2d")
+
+
+def check_choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name}={value!r}; expected one of {choices}")
+
+
+def check_switches(norm: str, mlp: str, pos: str, qk_norm: bool) -> None:
+    """LightningDiT's switches, all checked before anything is built."""
+    check_choice("norm", norm, NORMS)
+    check_choice("mlp", mlp, MLPS)
+    check_choice("pos", pos, POSITIONS)
+    if not isinstance(qk_norm, bool):
+        raise ValueError(f"qk_norm={qk_norm!r}; expected true or false")
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -111,45 +141,162 @@ class LabelEmbedder(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def attention(dim: int, num_heads: int) -> Attention:
-    """timm's multi-head self-attention with a fused qkv projection (official key names ``qkv``,
-    ``proj``), always through ``F.scaled_dot_product_attention`` so CUDA picks the flash /
-    memory-efficient kernels; numerically it is softmax(q k^T / sqrt(d)) v."""
+def attention(dim: int, num_heads: int, qk_norm: bool = False, rope: bool = False) -> nn.Module:
+    """Multi-head self-attention with a fused qkv projection (official key names ``qkv``, ``proj``),
+    always through ``F.scaled_dot_product_attention`` so CUDA picks the flash / memory-efficient
+    kernels; numerically it is softmax(q k^T / sqrt(d)) v. The official layout is timm's Attention;
+    with QK-norm or RoPE on it is ``SelfAttention`` (the same math plus those two steps)."""
     if dim % num_heads != 0:
         raise ValueError(f"hidden_size={dim} is not divisible by num_heads={num_heads}")
+    if qk_norm or rope:
+        return SelfAttention(dim, num_heads, qk_norm=qk_norm)
     attn = Attention(dim, num_heads=num_heads, qkv_bias=True)
     attn.fused_attn = True  # timm's default too, unless the environment sets TIMM_FUSED_ATTN=0
     return attn
+
+
+class HeadRMSNorm(nn.RMSNorm):
+    """RMSNorm over a head's channels, with its gain cast to the input's dtype: under autocast q and k
+    arrive in bf16 while the gain is an fp32 parameter, and mixed dtypes miss the fused kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
+class SelfAttention(nn.Module):
+    """timm's attention plus LightningDiT's two options. QK-norm: an RMSNorm over each head's channels
+    of q and of k, with a learned gain: nothing modulates q and k afterwards, and unit-RMS q and k alone
+    would cap the logits near sqrt(head_dim), so the gain is what sets the attention's sharpness.
+    RoPE: ``rope`` = the (cos, sin) tables of ``rope_2d_table``, rotating q and k after their norm."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.q_norm = HeadRMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = HeadRMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        n, t, d = x.shape
+        qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, N, h, T, d_h)
+        q, k, v = qkv.unbind(0)  # (N, h, T, d_h) each
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        x = F.scaled_dot_product_attention(q, k, v)  # (N, h, T, d_h)
+        return self.proj(x.transpose(1, 2).reshape(n, t, d))  # (N, T, D)
+
+
+def rope_2d_table(grid_size: int, head_dim: int, device=None, theta: float = 10000.0):
+    """2-D axial rotary embedding (LightningDiT's, after EVA-02): (cos, sin), each (T, head_dim) with
+    T = grid_size**2 in patch order (token = row * grid_size + col). The first half of a head's
+    channels turns with the token's row, the second half with its column; within a half, channel pair
+    (2i, 2i+1) turns by position * theta**(-i / (head_dim / 4)). Angles in float64 (exact for any
+    grid), tables in float32; built in each forward, so the state_dict gains nothing."""
+    check_rope_head_dim(head_dim)
+    quarter = head_dim // 4
+    freqs = theta ** (-torch.arange(quarter, dtype=torch.float64, device=device) / quarter)  # (d_h/4,)
+    pos = torch.arange(grid_size, dtype=torch.float64, device=device)
+    angles = (pos[:, None] * freqs[None]).repeat_interleave(2, dim=1)  # (G, d_h/2): a pair shares its angle
+    rows = angles[:, None, :].expand(grid_size, grid_size, -1)  # token (r, c) -> the angles of r
+    cols = angles[None, :, :].expand(grid_size, grid_size, -1)  # token (r, c) -> the angles of c
+    table = torch.cat([rows, cols], dim=-1).reshape(grid_size * grid_size, head_dim)  # (T, d_h)
+    return table.cos().float(), table.sin().float()
+
+
+def check_rope_head_dim(head_dim: int) -> None:
+    if head_dim % 4 != 0:
+        raise ValueError(f"head dim {head_dim} (hidden_size / num_heads) must be a multiple of 4 for a 2-D RoPE")
+
+
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    # (..., d) -> (..., d): each channel pair (a, b) -> (-b, a), a quarter turn in the pair's plane
+    a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([-b, a], dim=-1).flatten(-2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Turn every channel pair of x (N, h, T, d_h) by its token's angle. In float32 whatever the
+    input's precision (bf16 would blur the angles of far tokens), returned in the input's dtype."""
+    x32 = x.float()
+    return (x32 * cos + rotate_pairs(x32) * sin).to(x.dtype)
 
 
 def approx_gelu() -> nn.Module:
     return nn.GELU(approximate="tanh")
 
 
+def block_norm(kind: str, dim: int) -> nn.Module:
+    """The norm before adaLN's modulation. Neither kind has a learned gain: a per-channel gain right
+    before adaLN's per-sample (1 + scale) is the same function reparametrised (it folds into the adaLN
+    linear), and without one the official "norms have no parameters" layout holds for both kinds.
+    (LightningDiT's RMSNorm keeps a gain: its norm weights are keys this model does not have.)"""
+    check_choice("norm", kind, NORMS)
+    if kind == "layer":
+        return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+    return nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False)
+
+
+class SwiGLU(nn.Module):
+    """silu(x W1) * (x W2), then W3 (Shazeer 2020). W1 and W2 are one fused matmul, ``w12``, as in
+    LightningDiT (whose key names these are)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden, bias=True)
+        self.w3 = nn.Linear(hidden, dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.w12(x).chunk(2, dim=-1)  # (N, T, hidden) each
+        return self.w3(F.silu(gate) * value)  # (N, T, D)
+
+
+def feed_forward(kind: str, dim: int, mlp_ratio: float) -> nn.Module:
+    check_choice("mlp", kind, MLPS)
+    hidden = int(dim * mlp_ratio)
+    if kind == "gelu":
+        return Mlp(dim, hidden, act_layer=approx_gelu, drop=0)  # fc1, fc2
+    # LightningDiT's int(2/3 * hidden): three matrices of 2/3 the width cost what GELU's two do.
+    return SwiGLU(dim, int(2 / 3 * hidden))
+
+
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning: c gives shift, scale and a residual gate for
     both the attention and the MLP branch. The gate starts at zero, so each block starts as identity."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        norm: str = "layer",
+        mlp: str = "gelu",
+        qk_norm: bool = False,
+        rope: bool = False,
+    ):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=approx_gelu, drop=0)  # fc1, fc2
+        self.norm1 = block_norm(norm, hidden_size)
+        self.attn = attention(hidden_size, num_heads, qk_norm=qk_norm, rope=rope)
+        self.norm2 = block_norm(norm, hidden_size)
+        self.mlp = feed_forward(mlp, hidden_size, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        # x (N, T, D), c (N, D)
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        # x (N, T, D), c (N, D); rope: the (T, d_h) cos and sin tables when the model rotates q and k
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        h = modulate(self.norm1(x), shift_msa, scale_msa)  # (N, T, D)
+        x = x + gate_msa.unsqueeze(1) * (self.attn(h) if rope is None else self.attn(h, rope))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, norm: str = "layer"):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_final = block_norm(norm, hidden_size)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
@@ -181,6 +328,8 @@ class DiT(nn.Module):
 
     forward(x (N, C, H, W), t (N,), y (N,)) -> (N, 2C if learn_sigma else C, H, W); with
     learn_sigma the first C channels are the predicted noise, the next C the variance interpolant.
+    ``norm``, ``mlp``, ``pos``, ``qk_norm``: LightningDiT's blocks (module docstring); the defaults
+    are the official model.
     """
 
     def __init__(
@@ -195,8 +344,13 @@ class DiT(nn.Module):
         class_dropout_prob: float = 0.1,
         num_classes: int = 1000,
         learn_sigma: bool = True,
+        norm: str = "layer",
+        mlp: str = "gelu",
+        pos: str = "sincos",
+        qk_norm: bool = False,
     ):
         super().__init__()
+        check_switches(norm, mlp, pos, qk_norm)
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -204,15 +358,29 @@ class DiT(nn.Module):
         self.learn_sigma = learn_sigma
         self.num_heads = num_heads
         self.num_classes = num_classes
+        self.head_dim = hidden_size // num_heads
+        self.switches = dict(norm=norm, mlp=mlp, pos=pos, qk_norm=qk_norm)
+        self.adds_sincos = pos in ("sincos", "sincos_rope2d")
+        self.rotates_qk = pos in ("rope2d", "sincos_rope2d")
 
         self.x_embedder = patch_embed(input_size, patch_size, in_channels, hidden_size)
         self.grid_size = input_size // patch_size
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # Fixed, not learned; a Parameter (not a buffer) only because official checkpoints store it so.
+        # Kept with pos=rope2d too, where it is not added: every position option then has the same
+        # keys outside the blocks, and what reads the grid off pos_embed (official-layout loading,
+        # EMA, finetune, diffusers export) works unchanged, for T * D frozen floats.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size**2, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        if self.rotates_qk:
+            check_rope_head_dim(self.head_dim)
+        self.blocks = nn.ModuleList(
+            [
+                DiTBlock(hidden_size, num_heads, mlp_ratio, norm=norm, mlp=mlp, qk_norm=qk_norm, rope=self.rotates_qk)
+                for _ in range(depth)
+            ]
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm=norm)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -242,6 +410,14 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
+    @property
+    def official_layout(self) -> bool:
+        """Whether every LightningDiT switch is at its default (what official/diffusers formats hold)."""
+        return self.switches == dict(norm="layer", mlp="gelu", pos="sincos", qk_norm=False)
+
+    def rope_tables(self, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return rope_2d_table(self.grid_size, self.head_dim, device=device) if self.rotates_qk else None
+
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         # (N, T, p * p * C) -> (N, C, H, W)
         c, p, h = self.out_channels, self.patch_size, self.grid_size
@@ -254,10 +430,14 @@ class DiT(nn.Module):
     ) -> torch.Tensor:
         """``dropout_generator``: where training draws its label dropout (a seeded stream of the run;
         None: the global RNG, as the official model does)."""
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = H * W / patch_size ** 2
+        if self.adds_sincos:
+            x = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = H * W / patch_size ** 2
+        else:
+            x = self.x_embedder(x)  # (N, T, D): positions enter through the rotation of q and k alone
         c = self.t_embedder(t) + self.y_embedder(y, self.training, generator=dropout_generator)  # (N, D)
+        rope = self.rope_tables(x.device)  # (cos, sin), each (T, d_h); None without RoPE
         for block in self.blocks:
-            x = block(x, c)  # (N, T, D)
+            x = block(x, c, rope)  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, p * p * C_out)
         return self.unpatchify(x)  # (N, C_out, H, W)
 

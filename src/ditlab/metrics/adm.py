@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from tqdm.auto import tqdm
 
 from ditlab.metrics.frechet import frechet_distance
@@ -96,8 +97,6 @@ def spatial_capture(module: torch.nn.Module):
 def load_inception(weights_path: str | None):
     """torch-fidelity's inception-v3-compat, giving pool_3 and the unbiased logits; downloads its
     weights when ``weights_path`` is None."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
     if weights_path is not None and not Path(weights_path).is_file():
         raise ValueError(f"weights_path={str(weights_path)!r} is not a file; expected inception-v3-compat weights")
     try:

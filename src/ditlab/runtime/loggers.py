@@ -19,6 +19,8 @@ from urllib.parse import urlparse
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from ditlab.runtime.files import atomic_path, write_text
+
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
@@ -54,10 +56,7 @@ def persistent_run_id(save_dir: str | Path) -> str:
     run_id = secrets.token_hex(4)  # W&B ids: 8 lowercase alphanumerics, as wandb.util.generate_id()
     if int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) != 0:
         return run_id  # only rank 0 logs to W&B (and owns the file); other ranks must not race for it
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{RUN_ID_FILE}.tmp-{os.getpid()}")
-    tmp.write_text(run_id + "\n")
-    tmp.replace(path)
+    write_text(path, run_id + "\n")
     return run_id
 
 
@@ -83,12 +82,10 @@ def csv_logger(save_dir: str, name: str = "csv", version: str | int | None = "ru
                     rows = list(csv.DictReader(f))
                 kept = [r for r in rows if r.get("step") in (None, "") or int(float(r["step"])) < step]
                 if len(kept) != len(rows):
-                    tmp = f"{self.metrics_file_path}.tmp-{os.getpid()}"
-                    with open(tmp, "w", newline="") as f:
+                    with atomic_path(self.metrics_file_path) as tmp, open(tmp, "w", newline="") as f:
                         writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
                         writer.writeheader()
                         writer.writerows(kept)
-                    os.replace(tmp, self.metrics_file_path)
             super().log_metrics(metrics_dict, step)
 
     class AppendingCSVLogger(CSVLogger):

@@ -14,13 +14,14 @@ import os
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-# broadcast_buffers off: DDP would broadcast the module's buffers (the EMA's update count) from rank 0
-# before every forward, a collective per step; they are updated alike on every rank.
+# forward_sync_buffers off: DDP would broadcast the module's buffers (the EMA's update count) from
+# rank 0 before every forward, a collective per step; they are synced once at the start and then
+# updated alike on every rank.
 DDP = {
     "_target_": "lightning.pytorch.strategies.DDPStrategy",
     "find_unused_parameters": False,
     "gradient_as_bucket_view": True,
-    "broadcast_buffers": False,
+    "forward_sync_buffers": False,
 }
 
 

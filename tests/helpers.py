@@ -76,15 +76,13 @@ def randomised(model):
 
 
 def tiny_overrides(prepared, root, steps=4, extra=()):
-    """experiment=smoke pointed at the tiny prepared folder (3 classes, 8x8x3 identity latents)."""
+    """experiment=smoke pointed at the tiny prepared folder (3 classes, 8x8x3 identity latents): the
+    model takes its input size, channels and class count from the data, as a user's run does."""
     return [
         "experiment=smoke",
         "data=folder",
         f"data.prepared_dir={prepared}",
         "data.module.batch_size=8",
-        "model.in_channels=3",
-        "model.num_classes=3",
-        "model.input_size=8",
         "model.patch_size=2",
         "sampler.steps=4",
         f"trainer.max_steps={steps}",

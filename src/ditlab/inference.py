@@ -5,14 +5,16 @@ guidance wraps the network, every sample's noise comes from its own stream (seed
 the sampler runs, the codec decodes. Because the noise of sample i depends on i only, the images
 do not depend on the batch size or on how many ranks share the work.
 
-``load_model`` reads a ditlab training checkpoint (the resolved training config is inside it), an
-official DiT checkpoint (paired with the SD VAE it was trained with) or a diffusers folder, through
-the one weights reader (``ditlab.models.weights``): on the CPU first, weights only.
+``load_model`` reads a ditlab training checkpoint (the resolved training config, the codec and the
+class names are inside it: it samples without the prepared dir), an official DiT checkpoint (paired
+with the SD VAE it was trained with) or a diffusers folder, through the one weights reader
+(``ditlab.models.weights``): on the CPU first, weights only.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +28,13 @@ from ditlab.data.prepared import PreparedDir
 from ditlab.diffusion import Guidance, Sampler, create_diffusion
 from ditlab.diffusion.samplers import samplers_for
 from ditlab.models.dit import DiT
-from ditlab.models.vae import SD_SCALE_FACTOR, IdentityVAE, PretrainedVAE, codec_from_record
-from ditlab.models.weights import read_dit_weights
+from ditlab.models.vae import SD_SCALE_FACTOR, IdentityVAE, PretrainedVAE, codec_from_portable, codec_from_record
+from ditlab.models.weights import DiTWeights, read_dit_weights
 from ditlab.runtime.checkpoints import check_checkpoint_fits
 from ditlab.runtime.files import atomic_path
 from ditlab.seeding import per_sample_normal, stream_seed
+
+log = logging.getLogger("ditlab.inference")
 
 # What a checkpoint without a training config (official, diffusers) samples with: DiT's FID protocol.
 OFFICIAL_SAMPLER = Sampler("ddpm", 250)
@@ -130,6 +134,7 @@ class ModelBundle:
     latent_shape: tuple[int, int, int]
     source: str
     train_config: DictConfig | None = None  # the ditlab run's resolved training config, when there is one
+    classes: list[str] | None = None  # the class names, where the checkpoint or folder knows them
 
     def to(self, device):
         self.net.to(device)
@@ -196,7 +201,10 @@ class ModelBundle:
 def load_network(path: str | Path, ema: bool = True) -> tuple[torch.nn.Module, object, DictConfig | None]:
     """(net in eval mode, objective, training config or None) of a ditlab ``.ckpt``, an official DiT
     file or a diffusers DiT folder (``models.weights.read_dit_weights`` tells them apart)."""
-    weights = read_dit_weights(path, ema)
+    return _network(read_dit_weights(path, ema), path)
+
+
+def _network(weights: DiTWeights, path: str | Path) -> tuple[torch.nn.Module, object, DictConfig | None]:
     config = OmegaConf.create(weights.train_config) if weights.train_config else None
     net = instantiate(config.model) if weights.format == "ditlab" else DiT(**weights.dit_kwargs)
     check_checkpoint_fits({"state_dict": weights.state_dict}, net, path)
@@ -206,6 +214,37 @@ def load_network(path: str | Path, ema: bool = True) -> tuple[torch.nn.Module, o
     else:
         objective = create_diffusion(learn_sigma=net.learn_sigma)
     return net.eval(), objective, config
+
+
+def _checkpoint_kit(
+    checkpoint: dict, config: DictConfig, path: str | Path, need_codec: bool
+) -> tuple[dict | None, list[str] | None]:
+    """(portable codec, class names) a ditlab checkpoint carries. A checkpoint from before they
+    travelled falls back to its run's prepared dir and says so; without that dir it fails when the
+    codec is needed (no ``vae=`` given), else goes on without class names."""
+    carried = checkpoint.get("ditlab", {})
+    if "codec" in carried:
+        return carried["codec"], list(carried.get("classes") or []) or None
+    prepared = PreparedDir(config.data.prepared_dir)
+    log.info(f"{path} carries no codec or class names (an older checkpoint): taken from {prepared.root}")
+    try:
+        meta = prepared.read_meta()
+    except FileNotFoundError:
+        if need_codec:
+            raise
+        return None, None
+    return {"record": meta["vae"], "small_vae_dir": str(prepared.vae)}, meta.get("classes")
+
+
+def _kit_codec(kit: dict) -> torch.nn.Module:
+    if "small_vae_dir" in kit:  # an older checkpoint's: the prepared dir's VAE
+        return codec_from_record(kit["record"], kit["small_vae_dir"])
+    return codec_from_portable(kit)
+
+
+def _folder_classes(path: Path) -> list[str] | None:
+    meta = json.loads((path / "ditlab.json").read_text()) if (path / "ditlab.json").is_file() else {}
+    return meta.get("classes")
 
 
 def _folder_codec(path: Path):
@@ -228,19 +267,21 @@ def load_model(ckpt: str | Path, ema: bool = True, vae: str | None = None) -> Mo
         model = load_model("outputs/train/run/checkpoints/last.ckpt")
         images = model.generate([0, 1, 2], Sampler("ddim", 50), Guidance(scale=2.0), seed=0)
     """
-    net, objective, cfg = load_network(ckpt, ema)
+    weights = read_dit_weights(ckpt, ema)
+    net, objective, cfg = _network(weights, ckpt)
+    classes = None
     if vae:
         codec = PretrainedVAE(vae, SD_SCALE_FACTOR)
     if Path(ckpt).is_dir():
         codec = codec if vae else _folder_codec(Path(ckpt))
+        classes = _folder_classes(Path(ckpt))
         source = "diffusers folder"
     elif cfg is None:
         codec = codec if vae else PretrainedVAE("stabilityai/sd-vae-ft-ema", SD_SCALE_FACTOR)
         source = "official DiT checkpoint"
     else:
-        if not vae:
-            prepared = PreparedDir(cfg.data.prepared_dir)
-            codec = codec_from_record(prepared.read_meta()["vae"], prepared.vae)
+        kit, classes = _checkpoint_kit(weights.checkpoint, cfg, ckpt, need_codec=not vae)
+        codec = codec if vae else _kit_codec(kit)
         source = f"ditlab checkpoint, {'EMA' if ema else 'raw'} weights"
     shape = (net.in_channels, net.input_size, net.input_size)
-    return ModelBundle(net, objective, codec.eval(), net.num_classes, shape, source, cfg)
+    return ModelBundle(net, objective, codec.eval(), net.num_classes, shape, source, cfg, classes)

@@ -1,9 +1,13 @@
 """``python -m ditlab.train``: compose the config, build everything with ``_target_``, fit.
 
-Everything that can be wrong with a config is checked before anything is written: a bad override
-exits with one line and leaves no run dir and no checkpoint behind. A run that stops on its own
-says why in one line too: preempted (SIGTERM/SIGUSR1: checkpoint written, exit 75), non-finite
-loss in K consecutive steps (exit 3), a checkpoint that could not be written (exit 4).
+The model config is an architecture: its input size, latent channels and class count come from the
+prepared data (``meta.json``) unless set, and the FID measures against the reference statistics the
+prepared dir holds (``fid_protocol.extractor=auto``); the resolved config stored in checkpoints
+holds the values taken. Everything that can be wrong with a config is checked before anything is
+written: a bad override exits with one line and leaves no run dir and no checkpoint behind. A run
+that stops on its own says why in one line too: preempted (SIGTERM/SIGUSR1: checkpoint written,
+exit 75), non-finite loss in K consecutive steps (exit 3), a checkpoint that could not be written
+(exit 4), another rank of the job gone (its process or node died: exit 5, the rank named).
 """
 
 from __future__ import annotations
@@ -20,7 +24,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ditlab.data.datamodule import LatentDataModule
 from ditlab.data.prepared import PreparedDir
+from ditlab.metrics.fidelity import EXTRACTORS
+from ditlab.metrics.reference import ReferenceStats
+from ditlab.models.vae import portable_codec
 from ditlab.pipelines.prepare import check_vae_matches
 from ditlab.prepare import prepare_from_config
 from ditlab.runtime import hardware
@@ -33,7 +41,15 @@ from ditlab.runtime.checkpoints import (
 )
 from ditlab.runtime.errors import config_error_message, fail, hydra_command
 from ditlab.runtime.preemption import PREEMPTED_EXIT, Preempted
-from ditlab.runtime.processes import die_with_parent
+from ditlab.runtime.processes import (
+    LOST_RANK_EXIT,
+    LostRank,
+    WaitTimeout,
+    die_with_parent,
+    lost_rank_message,
+    lost_ranks,
+    peer_gone,
+)
 from ditlab.runtime.sweeps import MetricNotLogged, ddp_children_run_this_job, log_config, optimized_metric_value
 from ditlab.training.finetune import apply_finetune, check_source
 from ditlab.training.nonfinite import NonFiniteTraining
@@ -54,22 +70,20 @@ def build(cfg: DictConfig, init_weights: bool = True):
         except FileNotFoundError as err:
             raise ConfigError(str(err)) from err
     prepared = PreparedDir(cfg.data.prepared_dir)
-    if not prepared.is_prepared():
-        if not cfg.prepare_if_missing:
-            raise ConfigError(
-                f"no prepared data at {prepared.root}; run python -m ditlab.prepare data={cfg.data.name} "
-                f"vae={cfg.vae.name} (or set prepare_if_missing=true)"
-            )
-        log.info(f"{prepared.root} is not prepared yet: preparing it first")
-        prepare_from_config(cfg)
+    ensure_prepared(cfg, prepared)
+    # Seeded after preparing: preparation draws random numbers (the small VAE, the classifier) on rank 0
+    # alone, and a run that prepared its data must start from the weights of one that found it prepared.
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     try:
         datamodule = instantiate(cfg.data.module)
         recipe = instantiate(cfg.vae.recipe) if cfg.vae.get("recipe") else None
         codec_path = OmegaConf.select(cfg, "vae.codec.path")
         check_vae_matches(cfg.vae.name, recipe, codec_path, datamodule.meta, prepared)
+        take_shape_from_data(cfg.model, datamodule)
         m = cfg.model
         datamodule.check_model(m.input_size, m.in_channels, m.patch_size, m.num_classes)
         datamodule.check_data()
+        choose_fid_extractor(cfg.fid_protocol, OmegaConf.select(cfg, "data.reference.extractor"), prepared)
         net = instantiate(cfg.model)
         apply_finetune(net, cfg.get("init_from") if init_weights else None, cfg.get("finetune"))
         module = build_module(cfg, net)
@@ -86,8 +100,67 @@ def build(cfg: DictConfig, init_weights: bool = True):
         raise ConfigError(str(err).strip().splitlines()[0]) from err
     except OmegaConfBaseException as err:
         raise ConfigError(config_error_message(err)) from err
-    module.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    module.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)  # with the shape and extractor taken above
+    module.sampling_kit = sampling_kit(datamodule, prepared)
     return datamodule, module
+
+
+def ensure_prepared(cfg: DictConfig, prepared: PreparedDir) -> None:
+    """Prepare the data first when it is missing and ``prepare_if_missing`` is set (every rank of a
+    multi-rank launch takes its share; ranks > 0 return once rank 0 has written meta.json)."""
+    if prepared.is_prepared():
+        return
+    if not cfg.prepare_if_missing:
+        raise ConfigError(
+            f"no prepared data at {prepared.root}; run python -m ditlab.prepare data={cfg.data.name} "
+            f"vae={cfg.vae.name} (or set prepare_if_missing=true)"
+        )
+    log.info(f"{prepared.root} is not prepared yet: preparing it first")
+    try:
+        prepare_from_config(cfg)
+    except WaitTimeout as err:
+        raise ConfigError(str(err)) from err
+
+
+def take_shape_from_data(model: DictConfig, datamodule: LatentDataModule) -> None:
+    """Fill the model's null ``input_size``, ``in_channels`` and ``num_classes`` from the prepared
+    data's meta.json (in place: the stored config holds them); values set stay, to be checked."""
+    channels, height, _ = datamodule.latent_shape
+    from_data = {"input_size": height, "in_channels": channels, "num_classes": datamodule.num_classes}
+    taken = {key: value for key, value in from_data.items() if model.get(key) is None}
+    for key, value in taken.items():
+        model[key] = value
+    if taken:
+        log.info(
+            f"model shape from the data: {', '.join(f'{k}={v}' for k, v in taken.items())} "
+            f"(latents {'x'.join(map(str, datamodule.latent_shape))}, {datamodule.num_classes} classes "
+            f"in {datamodule.path})"
+        )
+
+
+def choose_fid_extractor(protocol: DictConfig, configured: str | None, prepared: PreparedDir) -> None:
+    """``fid_protocol.extractor=auto``: the feature space of the reference statistics at hand (in
+    place): a given ``fid_protocol.reference`` file's, else the prepared dir's (the data config's
+    extractor when the dir holds several), else none (FID off)."""
+    if protocol.extractor != "auto":
+        return
+    if protocol.get("reference"):
+        protocol.extractor = ReferenceStats.load(protocol.reference).extractor
+        return
+    held = [kind for kind in EXTRACTORS if prepared.reference(kind).is_file()]
+    protocol.extractor = configured if configured in held else (held[0] if held else None)
+    where = f"{prepared.reference(protocol.extractor)}" if protocol.extractor else f"none in {prepared.root}"
+    log.info(f"FID reference statistics: {where} (fid_protocol.extractor={protocol.extractor})")
+
+
+def sampling_kit(datamodule: LatentDataModule, prepared: PreparedDir) -> dict:
+    """What every checkpoint carries besides weights and config, so that it samples and exports
+    without the prepared dir: the codec (the small VAE's weights, or a pretrained VAE's id and
+    scale, or the identity's scale) and the class names."""
+    return {
+        "codec": portable_codec(datamodule.meta["vae"], prepared.vae),
+        "classes": [str(name) for name in datamodule.meta.get("classes", [])],
+    }
 
 
 def build_module(cfg: DictConfig, net: torch.nn.Module):
@@ -129,7 +202,6 @@ def train(cfg: DictConfig) -> dict:
     except ValueError as err:
         raise ConfigError(str(err)) from err
     log.info(hardware.describe(trainer_cfg))
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     die_with_parent()
     output_dir = Path(cfg.paths.output_dir)
@@ -140,7 +212,7 @@ def train(cfg: DictConfig) -> dict:
     try:
         if ckpt_path:  # a truncated file, a crafted pickle, another model size: one line, before anything runs
             check_checkpoint_fits(read_checkpoint(ckpt_path, mmap=True), module, ckpt_path)
-        callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+        callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [OneRunDir(output_dir)]
         loggers = [instantiate(c) for c in cfg.logger.values() if c is not None] if cfg.get("logger") else False
         trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers)
     except InstantiationException as err:
@@ -150,11 +222,62 @@ def train(cfg: DictConfig) -> dict:
     except OmegaConfBaseException as err:
         raise ConfigError(config_error_message(err)) from err
     log_config(loggers, cfg)
+    if trainer.world_size > 1:
+        log.info(launch_line(trainer))
     n_params = sum(p.numel() for p in module.net.parameters())
     log.info(f"DiT with {n_params / 1e6:.2f}M parameters; output in {output_dir}")
     with ddp_children_run_this_job():
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except RuntimeError as err:
+            raise_if_a_rank_was_lost(err, trainer)
+            raise
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+
+class OneRunDir(L.Callback):
+    """Every rank of a job must write to one run dir: rank 0 writes the checkpoints there and every
+    rank resumes from them (``ckpt_path=last``). Ranks started apart (torchrun or srun on several
+    nodes) each compose their own config, and a default ``run_name`` (a timestamp) can differ between
+    them: checked once, at set-up, with one collective."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = str(Path(run_dir).resolve())
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.world_size < 2 or not torch.distributed.is_initialized():
+            return
+        dirs = [None] * trainer.world_size
+        torch.distributed.all_gather_object(dirs, self.run_dir)
+        if len(set(dirs)) > 1:
+            other = next(r for r, d in enumerate(dirs) if d != dirs[0])
+            raise ConfigError(
+                f"rank 0 writes to {dirs[0]} but rank {other} to {dirs[other]}; expected one run dir: give "
+                "every node the same run_name=<name> (paths.root_dir on a filesystem they share)"
+            )
+
+
+def launch_line(trainer) -> str:
+    """Which launcher started the ranks (Lightning's cluster environment) and where this one stands."""
+    environment = trainer.strategy.cluster_environment
+    nodes, per_node = trainer.num_nodes, trainer.world_size // max(trainer.num_nodes, 1)
+    return (
+        f"{trainer.world_size} processes ({nodes} node{'s' if nodes > 1 else ''} x {per_node}) started by "
+        f"{type(environment).__name__}; this is rank {environment.global_rank()} on node {environment.node_rank()}"
+    )
+
+
+def raise_if_a_rank_was_lost(err: RuntimeError, trainer) -> None:
+    """A collective that failed because another rank's process or node is gone becomes LostRank,
+    naming that rank (asked through the job's store: the ranks that no longer answer)."""
+    reason = peer_gone(err)
+    if reason is None or trainer.world_size < 2:
+        return
+    store = torch.distributed.distributed_c10d._get_default_store() if torch.distributed.is_initialized() else None
+    lost = lost_ranks(store, trainer.global_rank, trainer.world_size) if store is not None else None
+    raise LostRank(
+        lost_rank_message(trainer.global_rank, trainer.world_size, lost, trainer.global_step, reason)
+    ) from err
 
 
 @hydra_command("ditlab.train", "train")
@@ -174,6 +297,8 @@ def main(cfg: DictConfig) -> float | None:
         fail("ditlab.train", str(err), code=3, remove_run_dir=False)
     except CheckpointWriteError as err:
         fail("ditlab.train", err.strerror or str(err), code=4, remove_run_dir=False)
+    except LostRank as err:
+        fail("ditlab.train", str(err), code=LOST_RANK_EXIT, remove_run_dir=False)
 
 
 if __name__ == "__main__":

@@ -239,11 +239,11 @@ def test_bad_switch_values_are_rejected_in_one_line():
 def test_model_config_reaches_the_switches():
     from hydra.utils import instantiate
 
-    default = instantiate(compose_cfg("train", ["experiment=smoke"]).model)
+    data = ["model.input_size=32", "model.in_channels=1", "model.num_classes=10"]  # what train takes from the data
+    default = instantiate(compose_cfg("train", ["experiment=smoke", *data]).model)
     assert default.official_layout
-    cfg = compose_cfg(
-        "train", ["experiment=smoke", "model.norm=rms", "model.mlp=swiglu", "model.pos=rope2d", "model.qk_norm=true"]
-    )
+    switches = ["model.norm=rms", "model.mlp=swiglu", "model.pos=rope2d", "model.qk_norm=true"]
+    cfg = compose_cfg("train", ["experiment=smoke", *data, *switches])
     model = instantiate(cfg.model)
     assert model.switches == dict(norm="rms", mlp="swiglu", pos="rope2d", qk_norm=True)
     assert type(model.blocks[0].mlp).__name__ == "SwiGLU" and hasattr(model.blocks[0].attn, "q_norm")

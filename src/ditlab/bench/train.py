@@ -32,6 +32,10 @@ from ditlab.runtime import hardware
 from ditlab.runtime.errors import CONF_DIR
 from ditlab.train import build_module
 
+# A model option leaves the latent channels and the class count to the data; a benchmark has none:
+# SD-VAE latents and ImageNet's classes, unless ``--override model.in_channels=...`` says otherwise.
+BENCH_DATA = ["model.in_channels=4", "model.num_classes=1000"]
+
 
 def model_spec(model_name: str, size: int, overrides=()) -> dict:
     """The composed ``model=<model_name>`` config at latent size ``size`` with the ``model.*`` ones of
@@ -39,7 +43,8 @@ def model_spec(model_name: str, size: int, overrides=()) -> dict:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         model_overrides = [o for o in overrides if o.lstrip("+~").startswith("model.")]
         cfg = compose(
-            "train", [f"model={model_name}", f"model.input_size={size}", *model_overrides, "paths.output_dir=/tmp"]
+            "train",
+            [f"model={model_name}", f"model.input_size={size}", *BENCH_DATA, *model_overrides, "paths.output_dir=/tmp"],
         )
     return OmegaConf.to_container(cfg.model, resolve=True)
 
@@ -100,6 +105,7 @@ def ditlab_step_rate(model_name: str, args, overrides: list[str], device: torch.
                 [
                     f"model={model_name}",
                     f"model.input_size={args.size}",
+                    *BENCH_DATA,
                     f"paths.root_dir={tmp}",
                     f"paths.output_dir={tmp}",
                     f"trainer.max_steps={args.warmup + args.steps + 1}",

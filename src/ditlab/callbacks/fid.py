@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
+from pathlib import Path
 
 import torch
 
 from ditlab.callbacks.sampling import SamplingCallback
 from ditlab.data.prepared import PreparedDir
+from ditlab.metrics.curve import RUN_REFERENCE_DIR
 from ditlab.metrics.protocol import FIDProtocol
+from ditlab.runtime.files import atomic_path
 
 log = logging.getLogger("ditlab.fid")
 
@@ -55,6 +59,12 @@ class FIDCallback(SamplingCallback):
             # The judge's own accuracy on real validation images, logged beside the sample accuracy
             # (val/classifier_accuracy_clf) so that metrics.json says what "sample accuracy" compares with.
             self.classifier_accuracy = json.loads(info.read_text()).get("val_accuracy")
+
+    def on_train_start(self, trainer, pl_module):
+        if self.enabled and trainer.is_global_zero:
+            keep_reference_in_run_dir(
+                self.protocol, PreparedDir(trainer.datamodule.path), Path(trainer.default_root_dir)
+            )
 
     def sample_now(self, trainer, pl_module):
         if self.enabled:
@@ -97,3 +107,20 @@ class FIDCallback(SamplingCallback):
                 logger.log_metrics(results, step=trainer.global_step)
         self.last = results
         return results
+
+
+def keep_reference_in_run_dir(protocol: FIDProtocol, prepared: PreparedDir, run_dir: Path) -> Path:
+    """Copy what the FID is measured against (the reference statistics and, for fid_clf, the
+    classifier) into ``<run dir>/fid_reference/`` once, laid out as in a prepared dir: the run's FID
+    curve (``ditlab.evaluate run_dir=``) is then measured without the prepared dir."""
+    kept = run_dir / RUN_REFERENCE_DIR
+    if kept.is_dir():
+        return kept
+    with atomic_path(kept) as tmp:
+        copy = PreparedDir(tmp)
+        tmp.mkdir()
+        shutil.copyfile(protocol.reference_path(prepared), copy.reference(protocol.extractor))
+        classifier = protocol.extractor_weights(prepared) if protocol.extractor == "clf" else None
+        if classifier:
+            shutil.copytree(classifier, copy.classifier)
+    return kept

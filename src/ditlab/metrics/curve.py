@@ -26,6 +26,10 @@ from ditlab.runtime.files import atomic_path
 log = logging.getLogger("ditlab.evaluate")
 
 CSV_NAME, PNG_NAME = "fid_curve.csv", "fid_curve.png"
+# <run dir>/fid_reference/: the reference statistics (and, for fid_clf, the classifier) the run's FID
+# was measured against, laid out as in a prepared dir; the FID callback copies them there once, so
+# that the curve is measured without the prepared dir.
+RUN_REFERENCE_DIR = "fid_reference"
 KEY_COLUMNS = ["step", "images_seen", "weights", "checkpoint"]
 
 
@@ -105,12 +109,22 @@ def run_protocol(train_config, num_samples: int | None = None, extractor: str | 
     return protocol
 
 
+def measured_against(run_dir: Path, protocol: FIDProtocol, train_config) -> tuple[FIDProtocol, PreparedDir]:
+    """Where the run's reference statistics (and classifier) are: the copy in the run dir when it holds
+    the protocol's extractor (runs since they were copied), else the run's prepared dir."""
+    own = PreparedDir(run_dir / RUN_REFERENCE_DIR)
+    if protocol.extractor and own.reference(protocol.extractor).is_file():
+        weights = None if protocol.extractor == "clf" else protocol.weights_path  # clf: the copied classifier
+        return replace(protocol, reference=None, weights_path=weights), own
+    return protocol, PreparedDir(train_config.data.prepared_dir)
+
+
 @torch.no_grad()
 def score_checkpoint(path: Path, ema: bool, num_samples: int | None, extractor: str | None, device: str) -> dict:
     """The run's protocol measured on one checkpoint's weights."""
     model = load_model(path, ema=ema).to(device)
     protocol = run_protocol(model.train_config, num_samples, extractor)
-    prepared = PreparedDir(model.train_config.data.prepared_dir)
+    protocol, prepared = measured_against(path.parent.parent, protocol, model.train_config)
     labels = protocol.labels(model.num_classes)
     indices = torch.arange(len(labels))
     images = protocol.generate(

@@ -8,6 +8,7 @@ Convention (EDM2-style): shards hold the RAW posterior (mean, std) of ``encode``
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -45,17 +46,11 @@ class PretrainedVAE(nn.Module):
 
     kind = "pretrained"
 
-    def __init__(self, path: str, scale_factor: float = SD_SCALE_FACTOR, subfolder: str | None = None):
+    def __init__(
+        self, path: str, scale_factor: float = SD_SCALE_FACTOR, subfolder: str | None = None, autoencoder=None
+    ):
         super().__init__()
-        from diffusers import AutoencoderKL
-
-        try:
-            self.vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder, low_cpu_mem_usage=False)
-        except Exception as err:  # noqa: BLE001 - one clear line for every way the load can fail
-            raise RuntimeError(
-                f"cannot load the VAE {path!r} ({type(err).__name__}); with no network, download it elsewhere "
-                "and set vae.codec.path=<local directory with config.json and the weights>"
-            ) from err
+        self.vae = autoencoder if autoencoder is not None else _load_autoencoder(path, subfolder)
         self.vae.requires_grad_(False).eval()
         self.path = str(path)
         self.scale_factor = float(scale_factor)
@@ -79,6 +74,18 @@ class PretrainedVAE(nn.Module):
 
     def describe(self) -> dict:
         return {"kind": self.kind, "path": self.path, "scale_factor": self.scale_factor}
+
+
+def _load_autoencoder(path: str, subfolder: str | None):
+    from diffusers import AutoencoderKL
+
+    try:
+        return AutoencoderKL.from_pretrained(path, subfolder=subfolder, low_cpu_mem_usage=False)
+    except Exception as err:  # noqa: BLE001 - one clear line for every way the load can fail
+        raise RuntimeError(
+            f"cannot load the VAE {path!r} ({type(err).__name__}); with no network, download it elsewhere "
+            "and set vae.codec.path=<local directory with config.json and the weights>"
+        ) from err
 
 
 def small_autoencoder(
@@ -115,4 +122,34 @@ def codec_from_record(vae: dict, small_vae_dir: str | Path | None = None) -> nn.
     path = small_vae_dir if vae["kind"] == "small_kl" else vae["path"]
     if path is None:
         raise ValueError(f"the {vae['kind']} VAE's weights are not at hand; expected its folder")
-    return PretrainedVAE(str(path), scale_factor=vae["scale_factor"])
+    codec = PretrainedVAE(str(path), scale_factor=vae["scale_factor"])
+    codec.kind = vae["kind"]  # small_kl: what prepare trained, described as such
+    return codec
+
+
+# ------------------------------------------------------------------------------------------ in a checkpoint
+def portable_codec(vae: dict, small_vae_dir: str | Path | None = None) -> dict:
+    """What a training checkpoint carries to decode its samples anywhere: the record (meta.json's
+    ``vae``: kind, scale factor, hub id or path) and, for the small VAE prepare trained (no hub id to
+    fetch it by), its diffusers config and weights. Plain data and tensors (``weights_only`` loads)."""
+    carried = {"record": dict(vae)}
+    if vae["kind"] == "small_kl":
+        autoencoder = _load_autoencoder(str(small_vae_dir), None)
+        carried["config_json"] = json.dumps(dict(autoencoder.config))
+        carried["state_dict"] = {k: v.detach().clone() for k, v in autoencoder.state_dict().items()}
+    return carried
+
+
+def codec_from_portable(carried: dict) -> nn.Module:
+    """The codec ``portable_codec`` described, rebuilt: the small VAE from the weights it carries, a
+    pretrained VAE from its hub id or path, the identity from its scale."""
+    record = carried["record"]
+    if "state_dict" not in carried:
+        return codec_from_record(record)
+    from diffusers import AutoencoderKL
+
+    autoencoder = AutoencoderKL.from_config(json.loads(carried["config_json"]))
+    autoencoder.load_state_dict(carried["state_dict"])
+    codec = PretrainedVAE(record.get("path", "small_kl"), record["scale_factor"], autoencoder=autoencoder)
+    codec.kind = record["kind"]
+    return codec

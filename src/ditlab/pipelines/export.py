@@ -24,7 +24,6 @@ from diffusers import DDIMScheduler, DiTPipeline
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ditlab.data.prepared import PreparedDir
 from ditlab.inference import load_model, load_network
 from ditlab.models.diffusers_dit import to_diffusers
 from ditlab.models.vae import PretrainedVAE
@@ -47,13 +46,9 @@ def null_class_note(num_classes: int) -> str | None:
 
 
 def _class_names(bundle) -> list[str]:
-    if bundle.train_config is not None:
-        try:
-            classes = PreparedDir(bundle.train_config.data.prepared_dir).read_meta().get("classes")
-        except (FileNotFoundError, ValueError, OSError):
-            classes = None
-        if classes and len(classes) == bundle.num_classes:
-            return [str(c) for c in classes]
+    """The names the checkpoint (or folder) carries; ``class_<i>`` where it has none."""
+    if bundle.classes and len(bundle.classes) == bundle.num_classes:
+        return [str(c) for c in bundle.classes]
     return [f"class_{i}" for i in range(bundle.num_classes)]
 
 

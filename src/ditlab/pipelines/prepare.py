@@ -6,14 +6,25 @@ runs (and ``ditlab.train`` when ``prepare_if_missing`` is set), composed of
     -> reference statistics (for fid_clf the dataset classifier is trained first)
     -> meta.json, written last: its presence means "prepared".
 
-A rerun skips every part already complete. With several processes (``torchrun
---nproc_per_node=N -m ditlab.prepare ...``) each rank encodes every N-th image and writes its own
-chunk files; rank 0 merges the indexes, computes the statistics and writes meta.json.
+A rerun skips every part already complete. With several processes (``torchrun --nnodes=M
+--nproc_per_node=N -m ditlab.prepare ...``, srun, or ``ditlab.train`` preparing under them) the
+ranks meet through the prepared dir (a filesystem every node shares):
+
+    rank 0 fits the small VAE; the others wait for it (``vae/`` appears whole)
+    every rank encodes every world_size-th image into its own chunk files and leaves its counts
+    rank 0 merges each split once every rank's shards are complete (``ditlab.data.shards``), adds
+        the counts, computes the reference statistics, and writes meta.json last
+    the other ranks wait for meta.json, so that nothing after prepare reads a dir half prepared
+
+A wait longer than ``encode.wait_s`` is one error line. A rank that dies leaves no meta.json
+(rank 0 never gets all the shards); a rerun resumes.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +37,8 @@ from ditlab.data.prepared import PreparedDir
 from ditlab.data.shards import count_items, split_is_complete
 from ditlab.pipelines.fit_vae import SmallVAERecipe
 from ditlab.pipelines.reference import ReferenceSettings, write_reference
-from ditlab.runtime.processes import process_rank
+from ditlab.runtime.files import write_json
+from ditlab.runtime.processes import process_rank, wait_until
 
 log = logging.getLogger("ditlab.prepare")
 
@@ -39,6 +51,7 @@ class EncodeSettings:
     batch_size: int = 256  # images per encoder batch (each with its flip when data.flip is on)
     num_workers: int = 2  # image decoding workers
     progress: bool = True
+    wait_s: float = 3600.0  # several ranks: how long one waits for the others (rank 0's VAE, meta.json)
 
     def torch_device(self) -> torch.device:
         if self.device != "auto":
@@ -66,13 +79,15 @@ def check_vae_matches(
         )
 
 
-def fit_codec(recipe: SmallVAERecipe | None, make_codec: Callable | None, train_source, prepared, device, rank: int):
-    """The codec to encode with: the small VAE (trained on ``train_source`` or loaded from the prepared
-    dir) when there is a recipe, else the configured codec."""
+def fit_codec(
+    recipe: SmallVAERecipe | None, make_codec: Callable | None, train_source, prepared, device, rank: int, wait_s: float
+):
+    """The codec to encode with: the small VAE (trained on ``train_source`` by rank 0, or loaded from
+    the prepared dir) when there is a recipe, else the configured codec."""
     if recipe is None:
         return make_codec()
-    if rank != 0 and not (prepared.vae.is_dir()):
-        raise RuntimeError("train the small VAE with one process first (it is cached), then rerun with several")
+    if rank != 0:
+        wait_until(prepared.vae.is_dir, wait_s, f"rank 0's small VAE in {prepared.vae}")
     return recipe.fit_or_load(train_source, prepared.vae, device, log=log.info)
 
 
@@ -97,9 +112,9 @@ def prepare_dataset(
     wants_reference = reference is not None and reference.extractor is not None
     if prepared.is_prepared():
         check_vae_matches(vae_name, recipe, _codec_path(make_codec), prepared.read_meta(), prepared)
-        if wants_reference and not prepared.reference(reference.extractor).is_file() and rank == 0:
+        if wants_reference and not prepared.reference(reference.extractor).is_file():
             # e.g. a directory prepared before its reference statistics were configured
-            write_reference(reference, {s: make_source(s) for s in splits}, prepared, device)
+            _add_reference(reference, make_source, splits, prepared, device, rank, encode.wait_s)
         else:
             log.info(f"{prepared.root} is already prepared; nothing to do (delete it to redo)")
         return prepared.root
@@ -107,20 +122,75 @@ def prepare_dataset(
     if len(sources["train"]) == 0:
         raise ValueError(f"{dataset_name} has no training images; expected images to prepare")
     prepared.root.mkdir(parents=True, exist_ok=True)
-    codec = fit_codec(recipe, make_codec, sources["train"], prepared, device, rank).to(device).eval()
+    codec = fit_codec(recipe, make_codec, sources["train"], prepared, device, rank, encode.wait_s).to(device).eval()
     summaries = {
         split: _extract(split, source, codec, prepared, flip, encode, device) for split, source in sources.items()
     }
     if rank != 0:
+        _hand_over_to_rank_zero(prepared, summaries, rank, encode.wait_s)
         return prepared.root
+    summaries = {
+        split: _all_ranks_counts(prepared, split, own, world_size, encode.wait_s) for split, own in summaries.items()
+    }
     if wants_reference:
         write_reference(reference, sources, prepared, device)
     meta = _meta(dataset_name, sources["train"], codec, vae_name, flip, summaries)
     prepared.write_meta(meta)
+    _forget_counts(prepared)
     log.info(
         f"prepared {prepared.root}: latents {meta['latent_shape']}, scale factor {meta['vae']['scale_factor']:.5f}"
     )
     return prepared.root
+
+
+# ------------------------------------------------------------------------------------------ ranks
+COUNTS_DIR = ".rank_counts"  # each rank's counts of a split, until rank 0 has written meta.json
+
+
+def _counts_file(prepared: PreparedDir, split: str, rank: int) -> Path:
+    return prepared.root / COUNTS_DIR / f"{split}.rank{rank}.json"
+
+
+def _hand_over_to_rank_zero(prepared: PreparedDir, summaries: dict, rank: int, wait_s: float) -> None:
+    """A rank > 0 leaves what it encoded of each split (count, per class, skipped) for rank 0's meta.json,
+    then waits for meta.json: nothing after prepare may read the dir before it is complete."""
+    for split, summary in summaries.items():
+        write_json(_counts_file(prepared, split, rank), {k: summary[k] for k in ("count", "per_class", "skipped")})
+    wait_until(prepared.is_prepared, wait_s, f"rank 0 to write {prepared.meta_path}")
+
+
+def _all_ranks_counts(prepared: PreparedDir, split: str, own: dict, world_size: int, wait_s: float) -> dict:
+    """Rank 0: the counts of ``split`` over every rank (its own ``own`` and what the others left).
+    A split found complete (``per_class`` None: nothing was encoded now) is counted from its index."""
+    if world_size == 1 or own["per_class"] is None:
+        return own
+    files = [_counts_file(prepared, split, r) for r in range(1, world_size)]
+    wait_until(lambda: all(f.is_file() for f in files), wait_s, f"every rank's counts of {split} in {files[0].parent}")
+    parts = [own] + [json.loads(f.read_text()) for f in files]
+    per_class = Counter()
+    for part in parts:
+        per_class.update({int(k): v for k, v in part["per_class"].items()})
+    return {
+        "count": sum(part["count"] for part in parts),
+        "per_class": dict(sorted(per_class.items())),
+        "skipped": sorted(key for part in parts for key in part["skipped"]),
+    }
+
+
+def _forget_counts(prepared: PreparedDir) -> None:
+    for f in (prepared.root / COUNTS_DIR).glob("*.json"):
+        f.unlink()
+    if (prepared.root / COUNTS_DIR).is_dir():
+        (prepared.root / COUNTS_DIR).rmdir()
+
+
+def _add_reference(reference, make_source, splits, prepared: PreparedDir, device, rank: int, wait_s: float) -> None:
+    """The reference statistics of a dir prepared without them: rank 0 computes, the others wait."""
+    if rank == 0:
+        write_reference(reference, {s: make_source(s) for s in splits}, prepared, device)
+        return
+    path = prepared.reference(reference.extractor)
+    wait_until(path.is_file, wait_s, f"rank 0 to write {path}")
 
 
 def _codec_path(make_codec) -> str | None:

@@ -3,9 +3,11 @@
 filesystem, so the rename is atomic), then renamed into place; when the writing fails the temporary
 is removed and the target is left as it was.
 
-Temporary names are ``.<name>.tmp-<pid>``: hidden, never mistaken for finished work (a checkpoint
-glob ``*.ckpt`` does not match them), and ``remove_stale_temps`` can tell a dead writer's leftovers
-from a live one's.
+Temporary names are ``.<name>.tmp-<host>-<pid>``: hidden, never mistaken for finished work (a
+checkpoint glob ``*.ckpt`` does not match them), and ``remove_stale_temps`` can tell a dead writer's
+leftovers from a live one's: on this host by its pid; a writer on another host (a shared filesystem:
+the run dir of a multi-node job) cannot be asked, so its temporary counts as dead once it has not
+changed for ``FOREIGN_STALE_S`` (a live writer keeps changing it).
 """
 
 from __future__ import annotations
@@ -14,15 +16,22 @@ import json
 import math
 import os
 import shutil
+import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 TEMP_MARK = ".tmp-"
+FOREIGN_STALE_S = 3600.0  # unchanged this long, another host's temporary is a dead write
+
+
+def _host() -> str:
+    return socket.gethostname().replace("/", "_") or "localhost"
 
 
 def temp_path(target: Path) -> Path:
-    return target.with_name(f".{target.name}{TEMP_MARK}{os.getpid()}")
+    return target.with_name(f".{target.name}{TEMP_MARK}{_host()}-{os.getpid()}")
 
 
 def _fsync(path: Path) -> None:
@@ -104,14 +113,42 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _writer(tmp: Path) -> tuple[str | None, int | None]:
+    """(host, pid) of the process that named a temporary; host None for the names before hosts
+    were part of them (``.<name>.tmp-<pid>``: written on this host)."""
+    tag = tmp.name.rsplit(TEMP_MARK, 1)[-1]
+    host, _, pid = tag.rpartition("-")
+    return (host or None), (int(pid) if pid.isdigit() else None)
+
+
+def _last_change(path: Path) -> float:
+    """The newest modification time of a file, or of anything in a folder (a folder's own time does
+    not change while a file in it grows)."""
+    times = [path.lstat().st_mtime]
+    if path.is_dir() and not path.is_symlink():
+        times += [p.lstat().st_mtime for p in path.rglob("*")]
+    return max(times)
+
+
+def is_stale(tmp: Path, now: float | None = None) -> bool:
+    """Whether no live writer is behind a temporary: this host's by its pid (our own pid included: we
+    are not writing it while we clean), another host's by ``FOREIGN_STALE_S`` without a change."""
+    host, pid = _writer(tmp)
+    if host is None or host == _host():
+        return pid is None or pid == os.getpid() or not _alive(pid)
+    return (now or time.time()) - _last_change(tmp) > FOREIGN_STALE_S
+
+
 def remove_stale_temps(directory: str | Path) -> list[Path]:
     """Remove the temporaries that writers no longer alive left in ``directory`` (a kill -9 in the
     middle of a write leaves one); returns what was removed."""
     removed = []
     for tmp in Path(directory).glob(f".*{TEMP_MARK}*"):
-        pid = tmp.name.rsplit(TEMP_MARK, 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
-            continue  # a live process is writing it
-        _remove(tmp)
-        removed.append(tmp)
+        try:
+            stale = is_stale(tmp)
+        except FileNotFoundError:  # its writer renamed or removed it just now
+            continue
+        if stale:
+            _remove(tmp)
+            removed.append(tmp)
     return removed

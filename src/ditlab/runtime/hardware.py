@@ -14,10 +14,14 @@ import os
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+# forward_sync_buffers off: DDP would broadcast the module's buffers (the EMA's update count) from
+# rank 0 before every forward, a collective per step; they are synced once at the start and then
+# updated alike on every rank.
 DDP = {
     "_target_": "lightning.pytorch.strategies.DDPStrategy",
     "find_unused_parameters": False,
     "gradient_as_bucket_view": True,
+    "forward_sync_buffers": False,
 }
 
 
@@ -74,7 +78,9 @@ def select(trainer: DictConfig) -> DictConfig:
         if cfg.get("precision") is None:
             bf16 = kind == "gpu" and torch.cuda.is_bf16_supported()
             cfg.precision = ("bf16-mixed" if bf16 else "16-mixed") if kind == "gpu" else "32-true"
-        if cfg.get("strategy", "auto") == "auto" and device_count(cfg.devices) * cfg.get("num_nodes", 1) > 1:
+        strategy = cfg.get("strategy", "auto")
+        several = device_count(cfg.devices) * cfg.get("num_nodes", 1) > 1
+        if strategy == "ddp" or (strategy == "auto" and several):  # "ddp": Lightning's, with its buffer broadcast
             cfg.strategy = dict(DDP)
     return cfg
 

@@ -63,6 +63,9 @@ class DiTModule(LightningModule):
         self.activation_checkpointing = activation_checkpointing
         self.seed = seed
         self.config_yaml: str | None = None  # the resolved run config, stored in every checkpoint
+        # What sampling needs besides the weights and the config, stored in every checkpoint so that it
+        # samples and exports without the prepared dir: {"codec": ..., "classes": [...]} (ditlab.train).
+        self.sampling_kit: dict = {}
         self.nonfinite = NonFiniteSteps(max_nonfinite_steps)
         self.train_means = torch.nn.ModuleDict()  # logged training values: running means between logs
         self._parallelized = False
@@ -202,6 +205,7 @@ class DiTModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ditlab"] = {
             "config_yaml": self.config_yaml,
+            **self.sampling_kit,
             "nonfinite": self.nonfinite.state_dict(),
             "rng": {
                 "torch": torch.get_rng_state(),

@@ -44,9 +44,10 @@ def compose_cfg(config_name: str, overrides: list[str]):
         return compose(config_name=config_name, overrides=overrides, return_hydra_config=False)
 
 
-def prepare_tiny_folder(tmp: Path, reference: str | None = None) -> Path:
+def prepare_tiny_folder(tmp: Path, reference: str | None = None, store_images: bool = False) -> Path:
     """Identity-VAE 'latents' (3, 8, 8) of a tiny 3-class image folder (16 images a class, 25% val);
-    ``reference="clf"`` also trains a 2-second classifier and writes its FID reference statistics."""
+    ``reference="clf"`` also trains a 2-second classifier and writes its FID reference statistics;
+    ``store_images`` keeps the uint8 images in the shards (and with them, each image's flip: views 2)."""
     folder = make_image_folder(tmp / "images", per_class=16, size=(8, 8), corrupt=False)
     overrides = [
         "data=folder",
@@ -59,6 +60,7 @@ def prepare_tiny_folder(tmp: Path, reference: str | None = None) -> Path:
         "encode.progress=false",
         f"data.reference.extractor={reference or 'null'}",
         "data.reference.classifier_seconds=2",
+        f"data.store_images={store_images}",
     ]
     cfg = compose_cfg("prepare", overrides)
     with open_dict(cfg):

@@ -30,6 +30,7 @@ def prepare_from_config(cfg: DictConfig) -> Path:
         recipe=instantiate(cfg.vae.recipe) if cfg.vae.get("recipe") else None,
         make_codec=instantiate(cfg.vae.codec, _partial_=True) if cfg.vae.get("codec") else None,
         flip=cfg.data.flip,
+        store_images=cfg.data.store_images,
         encode=instantiate(cfg.encode),
         reference=instantiate(cfg.data.reference) if cfg.data.get("reference") else None,
     )

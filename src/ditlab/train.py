@@ -87,6 +87,8 @@ def build(cfg: DictConfig, init_weights: bool = True):
         net = instantiate(cfg.model)
         apply_finetune(net, cfg.get("init_from") if init_weights else None, cfg.get("finetune"))
         module = build_module(cfg, net)
+        if module.repa is not None and not datamodule.with_images:
+            raise ValueError("repa needs each latent's clean image; expected data.module.with_images=true")
         instantiate(cfg.sampler).check(module.objective)
         if getattr(module.objective, "learn_sigma", False) != net.learn_sigma:
             raise ValueError(

@@ -256,3 +256,18 @@ def test_rope_table_is_float32_and_built_where_the_tokens_are():
     assert torch.equal(cos[0], torch.ones(HEAD_DIM))  # token (0, 0) is not turned
     model = tiny(pos="rope2d")
     assert model.rope_tables("meta")[0].device.type == "meta" and tiny().rope_tables("cpu") is None
+
+
+def test_a_timm_encoder_gives_its_patch_tokens_as_a_grid():
+    """REPA's hub encoders (DINOv2 ...) through timm: the patch tokens after the prefix tokens, as a
+    (N, D, g, g) grid, from uint8 images resized and normalised as the model expects."""
+    from ditlab.models.encoders import TimmEncoder
+
+    torch.manual_seed(0)
+    encoder = TimmEncoder("vit_tiny_patch16_224", image_size=32, pretrained=False)
+    images = torch.randint(0, 256, (2, 1, 20, 20), dtype=torch.uint8)  # grey, another size
+    grid = encoder(images)
+    assert grid.shape == (2, encoder.feature_dim, 2, 2)
+    x = torch.nn.functional.interpolate(images.float().expand(-1, 3, -1, -1) / 255, size=(32, 32), mode="bicubic")
+    tokens = encoder.model.forward_features((x - encoder.mean) / encoder.std)[:, 1:]  # (2, 4, D) without CLS
+    torch.testing.assert_close(grid, tokens.transpose(1, 2).reshape(2, -1, 2, 2))

@@ -18,31 +18,41 @@ from ditlab.data.shards import check_split, stored_views
 from ditlab.seeding import stream_generator
 
 
+def draw_views(block: torch.Tensor, generator: torch.Generator | None = None, flip: bool = True) -> torch.Tensor:
+    """(N,) long: which stored view each sample of a (N, V, ...) block uses, 1 = the horizontal flip
+    (drawn when ``flip`` and V = 2; else 0, the image)."""
+    n, device = block.shape[0], block.device
+    if flip and block.shape[1] == 2:
+        return (torch.rand(n, generator=generator, device=device) < 0.5).long()
+    return torch.zeros(n, dtype=torch.long, device=device)
+
+
 def latents_from_block(
     block: torch.Tensor,
     scale_factor: float,
     generator: torch.Generator | None = None,
     flip: bool = True,
     sample_posterior: bool = True,
+    which: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(N, V, M, C, H, W) stored block -> (N, C, H, W) model-space latents.
 
-    Picks the image or its flip per sample (``flip`` and V = 2; else view 0, the image), draws
-    z = mean + std * eps when the posterior (M = 2) was stored (or takes the mean when
+    Picks the image or its flip per sample (``which``, drawn by ``draw_views`` when not given),
+    draws z = mean + std * eps when the posterior (M = 2) was stored (or takes the mean when
     ``sample_posterior`` is off), then multiplies by the scale.
     """
-    n = block.shape[0]
-    device = block.device
-    which = (
-        (torch.rand(n, generator=generator, device=device) < 0.5).long()
-        if flip and block.shape[1] == 2
-        else torch.zeros(n, dtype=torch.long, device=device)
-    )
+    n, device = block.shape[0], block.device
+    which = draw_views(block, generator, flip) if which is None else which
     chosen = block[torch.arange(n, device=device), which].float()  # (N, M, C, H, W)
     z = chosen[:, 0]
     if chosen.shape[1] == 2 and sample_posterior:
         z = z + chosen[:, 1] * torch.randn(z.shape, generator=generator, device=device)
     return z * scale_factor
+
+
+def images_of_views(images: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+    """The stored images (N, C, H, W) as the views ``which`` picked: flipped where it is 1."""
+    return torch.where(which.view(-1, 1, 1, 1).bool(), images.flip(-1), images)
 
 
 def _resumable_loader_class():
@@ -80,6 +90,9 @@ class LatentDataModule(LightningDataModule):
             meta.json is read from it (remote: from ``meta_path``).
         batch_size: per device. num_workers, pin_memory: as in DataLoader.
         seed: shuffling and per-step sampling seed. flip / sample_posterior: augmentation switches.
+        with_images: also hand out each sample's clean image, of the same view as its latent
+            (batches become (latents, labels, images uint8 (N, C, H, W))); the data must store them
+            (prepared with ``data.store_images=true``): representation alignment encodes them.
     """
 
     def __init__(
@@ -95,6 +108,7 @@ class LatentDataModule(LightningDataModule):
         val_split: str = "val",
         meta_path: str | None = None,
         drop_last: bool = True,
+        with_images: bool = False,
     ):
         super().__init__()
         if batch_size < 1:
@@ -115,6 +129,12 @@ class LatentDataModule(LightningDataModule):
                 "flip=false, or delete that directory (or set data.prepared_dir elsewhere) and prepare "
                 "with data.flip=true"
             )
+        if with_images and not self.meta.get("images"):
+            raise ValueError(
+                f"with_images=true but {self.path} stores no images; expected data prepared with "
+                "data.store_images=true (into another data.prepared_dir)"
+            )
+        self.with_images = with_images
         self.train_set = self.val_set = None
 
     # ------------------------------------------------------------ what the data is
@@ -193,11 +213,16 @@ class LatentDataModule(LightningDataModule):
         return self._loader(self.val_set) if self.val_set is not None else []
 
     # ------------------------------------------------------------ per-batch sampling, on the device
-    def to_model_batch(
-        self, batch: dict, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        latents = latents_from_block(batch["latent"], self.scale_factor, generator, self.flip, self.sample_posterior)
-        return latents, batch["label"].long()
+    def to_model_batch(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+        """(latents (N, C, H, W), labels (N,)), and the images (N, C, H, W) of the same views when
+        ``with_images``."""
+        which = draw_views(batch["latent"], generator, self.flip)
+        latents = latents_from_block(
+            batch["latent"], self.scale_factor, generator, sample_posterior=self.sample_posterior, which=which
+        )
+        if not self.with_images:
+            return latents, batch["label"].long()
+        return latents, batch["label"].long(), images_of_views(batch["image"], which)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         trainer = self.trainer

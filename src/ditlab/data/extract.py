@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ditlab.data.shards import ShardWriter
 from ditlab.data.sources import collate_skipping_failures
+from ditlab.data.transforms import model_range_to_uint8
 from ditlab.runtime.faults import fault_point
 
 
@@ -43,10 +44,11 @@ def extract_split(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = True,
+    store_images: bool = False,
 ) -> dict:
     """Encode this rank's images (every world_size-th, starting at rank), with their horizontal
-    flips when ``flip``, and write its shards. Returns a summary: counts per class, skipped
-    (unreadable) keys, images/s."""
+    flips when ``flip``, and write its shards (with the uint8 images too when ``store_images``).
+    Returns a summary: counts per class, skipped (unreadable) keys, images/s."""
     indices = list(range(rank, len(source), world_size))
     loader = DataLoader(
         Subset(source, indices), batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skipping_failures
@@ -60,8 +62,9 @@ def extract_split(
         skipped += failed
         if images is not None:
             latents = encode_views(codec, images.to(device), store_posterior, flip).cpu().numpy()
-            for latent, label in zip(latents, labels.tolist()):
-                writer.add(np.ascontiguousarray(latent), label)
+            stored = model_range_to_uint8(images).permute(0, 3, 1, 2).numpy() if store_images else [None] * len(latents)
+            for latent, label, image in zip(latents, labels.tolist(), stored):
+                writer.add(np.ascontiguousarray(latent), label, image if image is None else np.ascontiguousarray(image))
                 per_class[label] += 1
         bar.update(len(failed) + (0 if images is None else len(images)))
         fault_point("prepare_batch")  # test-only: prepare killed half-way (ditlab.runtime.faults)

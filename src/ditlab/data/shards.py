@@ -5,6 +5,7 @@
                                    or [image] (V = 1, data.flip=false) x
                                    [posterior mean, posterior std] (M = 2) or [sample] (M = 1)
                             label  int
+                            image  uint8 (C, H, W), only with data.store_images: the preprocessed image
 
 litdata's format means the same directory can be copied to S3/GCS and streamed to many nodes.
 A split is written into ``<split>.tmp`` and renamed once every rank finished, so an interrupted
@@ -107,9 +108,14 @@ class ShardWriter:
                 os.environ["DATA_OPTIMIZER_GLOBAL_RANK"] = previous
         self.count = 0
 
-    def add(self, latent: np.ndarray, label: int) -> None:
+    def add(self, latent: np.ndarray, label: int, image: np.ndarray | None = None) -> None:
+        """One item: its latent block, its label and, when the split stores them, the clean image
+        (uint8 (C, H, W), the view the latent's view 0 is: what representation alignment encodes)."""
+        item = {"latent": latent, "label": int(label)}
+        if image is not None:
+            item["image"] = image
         # Global item index: rank-major is fine, litdata only needs it unique per writer.
-        self.writer.add_item(self.count, {"latent": latent, "label": int(label)})
+        self.writer.add_item(self.count, item)
         self.count += 1
 
     def finish(self, timeout_s: float = 3600.0) -> None:

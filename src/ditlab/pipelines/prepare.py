@@ -102,11 +102,13 @@ def prepare_dataset(
     flip: bool,
     encode: EncodeSettings,
     reference: ReferenceSettings | None,
+    store_images: bool = False,
 ) -> Path:
     """Prepare the images ``make_source(split)`` gives into ``prepared``; returns its root.
 
     ``recipe`` (the small VAE) or ``make_codec`` (a pretrained or identity codec) encode; ``flip``
-    also stores each image's mirror; ``reference`` (its extractor None: none) the FID statistics."""
+    also stores each image's mirror; ``reference`` (its extractor None: none) the FID statistics;
+    ``store_images`` keeps each uint8 image beside its latents (representation alignment needs them)."""
     rank, world_size, _ = process_rank()
     device = encode.torch_device()
     wants_reference = reference is not None and reference.extractor is not None
@@ -124,7 +126,8 @@ def prepare_dataset(
     prepared.root.mkdir(parents=True, exist_ok=True)
     codec = fit_codec(recipe, make_codec, sources["train"], prepared, device, rank, encode.wait_s).to(device).eval()
     summaries = {
-        split: _extract(split, source, codec, prepared, flip, encode, device) for split, source in sources.items()
+        split: _extract(split, source, codec, prepared, flip, store_images, encode, device)
+        for split, source in sources.items()
     }
     if rank != 0:
         _hand_over_to_rank_zero(prepared, summaries, rank, encode.wait_s)
@@ -134,7 +137,7 @@ def prepare_dataset(
     }
     if wants_reference:
         write_reference(reference, sources, prepared, device)
-    meta = _meta(dataset_name, sources["train"], codec, vae_name, flip, summaries)
+    meta = _meta(dataset_name, sources["train"], codec, vae_name, flip, store_images, summaries)
     prepared.write_meta(meta)
     _forget_counts(prepared)
     log.info(
@@ -198,7 +201,9 @@ def _codec_path(make_codec) -> str | None:
     return getattr(make_codec, "keywords", {}).get("path")
 
 
-def _extract(split: str, source, codec, prepared: PreparedDir, flip: bool, encode: EncodeSettings, device) -> dict:
+def _extract(
+    split: str, source, codec, prepared: PreparedDir, flip: bool, store_images: bool, encode: EncodeSettings, device
+) -> dict:
     split_dir = prepared.split(split)
     if split_is_complete(split_dir):
         log.info(f"{split}: already written, skipped")
@@ -216,6 +221,7 @@ def _extract(split: str, source, codec, prepared: PreparedDir, flip: bool, encod
         rank=rank,
         world_size=world_size,
         progress=encode.progress,
+        store_images=store_images,
     )
     log.info(
         f"{split}: {summary['count']} images at {summary['images_per_s']} img/s; per class "
@@ -224,7 +230,9 @@ def _extract(split: str, source, codec, prepared: PreparedDir, flip: bool, encod
     return summary
 
 
-def _meta(dataset_name: str, train_source, codec, vae_name: str, flip: bool, summaries: dict) -> dict:
+def _meta(
+    dataset_name: str, train_source, codec, vae_name: str, flip: bool, store_images: bool, summaries: dict
+) -> dict:
     size = train_source.image_size // codec.downsample
     return {
         "dataset": dataset_name,
@@ -239,6 +247,7 @@ def _meta(dataset_name: str, train_source, codec, vae_name: str, flip: bool, sum
         "latent_format": "sample" if codec.kind == "identity" else "posterior",
         "latent_dtype": "float16",
         "views": 2 if flip else 1,  # each item: [image, its horizontal flip] or [image]
+        "images": store_images,  # each item also holds its uint8 image
         "vae": {**codec.describe(), "name": vae_name},  # train checks it names the same VAE
         "ditlab_version": ditlab.__version__,
     }

@@ -19,7 +19,8 @@ from ditlab.seeding import stream_generator, stream_seed
 from ditlab.training.cadence import logs_this_step, on_progress_bar
 from ditlab.training.ema import EMA
 from ditlab.training.nonfinite import NonFiniteSteps
-from ditlab.training.parallel import checkpointed_blocks, is_sharded, parallelize
+from ditlab.training.parallel import checkpointed_blocks, is_sharded, parallelize, shard
+from ditlab.training.repa import REPA
 
 
 class DiTModule(LightningModule):
@@ -33,6 +34,9 @@ class DiTModule(LightningModule):
     activation_checkpointing: recompute activations in backward: 0 off, 1 every block, k every k-th.
     seed: base of the per-step seeds.
     max_nonfinite_steps: stop after this many non-finite steps in a row (each one is skipped).
+    repa: representation alignment (``training.repa.REPA``), or None; its loss is added to the
+        objective's, its projector trains with the network (not in the EMA); batches then carry the
+        clean images, (latents, labels, images).
 
     Parallelism is applied from outside in ``configure_model`` (``training.parallel.parallelize``):
     with ``trainer=fsdp`` the blocks and the root are sharded (FSDP2) and the EMA is sharded like
@@ -51,6 +55,7 @@ class DiTModule(LightningModule):
         activation_checkpointing: int = 0,
         seed: int = 0,
         max_nonfinite_steps: int = 10,
+        repa: REPA | None = None,
     ):
         super().__init__()
         self.net = net
@@ -72,6 +77,9 @@ class DiTModule(LightningModule):
         # Whether the network draws its label dropout from a generator it is handed (ditlab's DiT);
         # another backbone (forward(x, t, y)) gets its stream through the global RNG instead.
         self._takes_dropout_generator = "dropout_generator" in inspect.signature(net.forward).parameters
+        self.repa = repa
+        if repa is not None:  # after the EMA's copy: the average has no hook and no projector
+            repa.attach(net)
 
     # ------------------------------------------------------------ set-up from outside the model
     def configure_model(self) -> None:
@@ -91,6 +99,8 @@ class DiTModule(LightningModule):
         )
         if mesh is not None:
             self.ema.shard_like(self.net)
+            if self.repa is not None:  # its gradients are reduced over the ranks like the network's
+                shard(self.repa.projector, mesh)
 
     def sampling_net(self, use_ema: bool = True) -> torch.nn.Module:
         """The network to sample from, plain and full on this rank. Collective under sharding:
@@ -99,6 +109,8 @@ class DiTModule(LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.net.parameters() if p.requires_grad]
+        if self.repa is not None:
+            params += list(self.repa.projector.parameters())
         extra = {}
         # Fused AdamW (one kernel over all parameters) unless optim.optimizer.fused=false: on CUDA, and
         # on the CPU too, where it is faster as well (experiments/benchmarks/README.md).
@@ -112,7 +124,7 @@ class DiTModule(LightningModule):
 
     # ------------------------------------------------------------ training
     def training_step(self, batch, batch_idx: int):
-        latents, labels = batch  # (N, C, H, W) model-space latents, (N,) labels
+        latents, labels, *images = batch  # (N, C, H, W) model-space latents, (N,) labels[, (N, C', H', W') uint8]
         at = (self.global_rank, self.global_step, batch_idx % self.trainer.accumulate_grad_batches)
         device = latents.device
         t = self.objective.sample_t(
@@ -131,6 +143,9 @@ class DiTModule(LightningModule):
         else:  # the same numbers, the slow way
             torch.manual_seed(stream_seed(self.seed, "label_dropout", *at))
         terms = self.objective.training_losses(self.net, latents, t, model_kwargs, noise=noise)
+        if self.repa is not None:  # the tokens of the forward just run, against the clean images' features
+            terms["repa"] = self.repa.loss(images[0])
+            terms["loss"] = terms["loss"] + self.repa.coef * terms["repa"]
         loss = terms["loss"].mean()
         # Every step adds to a running mean on the device (no sync); only on the steps the loggers
         # write (every trainer.log_every_n_steps, last micro-batch) is it reduced over ranks and read:

@@ -65,6 +65,14 @@ def parallelize(
     return net
 
 
+def shard(module: nn.Module, mesh) -> nn.Module:
+    """FSDP2 ``fully_shard`` of a module trained beside the network (e.g. REPA's projector), in fp32:
+    its gradients are then reduced over the ranks as the network's are."""
+    from torch.distributed.fsdp import fully_shard
+
+    return fully_shard(module, mesh=mesh)
+
+
 # ----------------------------------------------------------------------------- sharded tensors
 def is_sharded(t: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor

@@ -11,12 +11,13 @@ and passed as ``weights_path``.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+from ditlab.runtime.files import atomic_path
 
 
 class _InceptionSkeleton(FeatureExtractorInceptionV3):
@@ -68,9 +69,6 @@ def write_random_inception_weights(path: str | Path, seed: int = 0) -> Path:
     """Write a random inception-v3-compat weights file to ``path`` (atomically); returns the path.
 
     Pass it as ``weights_path`` (torch-fidelity's ``feature_extractor_weights_path``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(random_inception_state_dict(seed), tmp)
-    tmp.replace(path)
-    return path
+    with atomic_path(path) as tmp:
+        torch.save(random_inception_state_dict(seed), tmp)
+    return Path(path)

@@ -23,7 +23,7 @@ from ditlab.metrics.provenance import (
     sha256_of,
 )
 from ditlab.metrics.reference import ReferenceStats
-from ditlab.sample import merge_parts, part_path
+from ditlab.sample import _save_npz, merge_parts, part_path
 from helpers import compose_cfg
 
 pytestmark = pytest.mark.unit
@@ -157,3 +157,16 @@ def test_merge_takes_the_parts_of_its_own_launch_only(tmp_path):
     part("x", 1, [1, 2], 2)  # sample 1 twice, sample 3 never: not a launch's parts
     with pytest.raises(RuntimeError, match="do not hold each of the 4 samples once"):
         merge_parts(tmp_path, "x", world=2, count=4)
+
+
+def test_a_part_is_visible_under_its_name_only_once_complete(tmp_path, monkeypatch):
+    """Rank 0 waits for a part's final name: a write that fails half way leaves neither it nor a temp."""
+
+    def half_written(f, **arrays):
+        f.write(b"PK\x03\x04 half a zip")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(np, "savez", half_written)
+    with pytest.raises(OSError, match="No space left"):
+        _save_npz(part_path(tmp_path, "abc", 1), arr_0=np.zeros((1, 2, 2, 1), np.uint8), index=np.array([1]))
+    assert list(tmp_path.iterdir()) == []

@@ -1,15 +1,24 @@
 """``python -m ditlab.sample ckpt=... num_samples=N``: samples as an ADM-format .npz and/or PNGs.
 
 ADM's evaluator reads ``arr_0``: uint8 (N, H, W, C). The class labels go beside it as ``labels``.
+Beside ``samples_NxHxWxC.npz`` goes ``samples_NxHxWxC.json`` (``samples.json`` in a folder of PNGs):
+what was sampled with (checkpoint and step, weights, sampler, guidance, count, seed, labels, batch
+size, processes, device, versions, and the command that draws the same samples again), which
+``ditlab.evaluate`` copies into its results.
+
 With torchrun each rank samples indices rank, rank + world, ... and writes its own part; rank 0
 merges the parts in index order. Sample i's noise comes from its own stream (seed, i), so the
-result does not depend on the world size or the batch size (``ditlab.inference.generate``).
+result does not depend on the world size or the batch size (``ditlab.inference.generate``). The
+ranks first agree on a launch id and the output folder (rank 0's, through a short-lived gloo group:
+``${now:...}`` in ``out`` is resolved by each process); parts are named by the launch id and written
+atomically, so rank 0 merges only complete parts of this launch, never a stale one of an earlier run.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +31,16 @@ from tqdm.auto import tqdm
 from ditlab.data.transforms import model_range_to_uint8
 from ditlab.diffusion import Sampler
 from ditlab.inference import check_labels, generate, grid_image, grid_labels, load_model, sample_labels, save_grid
+from ditlab.metrics.provenance import (
+    guidance_values,
+    library_versions,
+    sample_command,
+    sampler_values,
+    sampling_record_path,
+)
+from ditlab.runtime.checkpoints import checkpoint_step
 from ditlab.runtime.errors import exit_on_error, hydra_command
-from ditlab.runtime.files import atomic_path
+from ditlab.runtime.files import atomic_path, write_json
 from ditlab.runtime.processes import process_rank
 
 log = logging.getLogger("ditlab.sample")
@@ -69,7 +86,7 @@ def sample(cfg: DictConfig) -> Path:
     labels = grid_labels(model.num_classes, cfg.per_class, cfg.max_classes) if cfg.grid else None
     labels = _labels(cfg, model.num_classes, cfg.num_samples) if labels is None else labels
     check_labels(labels, model.num_classes)
-    out = Path(cfg.out)
+    launch, out = shared_launch(Path(cfg.out), world)
     out.mkdir(parents=True, exist_ok=True)
     model.to(device)
     log.info(f"{model.source}; {sampler.describe()}, {guidance.describe()}; writing to {out}")
@@ -103,28 +120,103 @@ def sample(cfg: DictConfig) -> Path:
             for index, array in zip(chunk.tolist(), batch):
                 _save_png(array, out / f"{index:06d}.png")
     arr = np.concatenate(images) if images else np.zeros((0, 1, 1, 1), np.uint8)
-    _save_npz(out / f".part-{rank}.npz", arr_0=arr, index=mine.numpy())
+    _save_npz(part_path(out, launch, rank), arr_0=arr, index=mine.numpy())
     log.info(f"rank {rank}: {len(mine)} samples in {time.time() - start:.1f} s")
-    if rank == 0 and cfg.format in ("npz", "both"):
-        _merge_parts(out, world, cfg.num_samples, labels.numpy())
-    return out
+    if rank != 0:
+        return out
+    merged = merge_parts(out, launch, world, cfg.num_samples)
+    record = sampling_record(cfg, model, sampler, guidance, world, device, out)
+    written = []
+    if cfg.format in ("npz", "both"):
+        path = out / f"samples_{cfg.num_samples}x{'x'.join(map(str, merged.shape[1:]))}.npz"
+        _save_npz(path, arr_0=merged, labels=labels.numpy())
+        written.append(path)
+        log.info(f"wrote {path} (arr_0 {merged.shape} uint8, labels)")
+    if cfg.format in ("png", "both"):
+        written.append(out)
+    for samples in written:
+        write_json(sampling_record_path(samples), record)
+    log.info(f"sampling record beside the samples; to draw them again: {record['command']}")
+    return written[0]
 
 
-def _merge_parts(out: Path, world: int, count: int, labels: np.ndarray) -> Path:
-    parts = [out / f".part-{r}.npz" for r in range(world)]
+def shared_launch(out: Path, world: int) -> tuple[str, Path]:
+    """(an id of this launch, the output folder), the same on every rank: rank 0's, sent to the others
+    through a short-lived gloo group (each rank resolved ``out`` itself, ``${now:...}`` included)."""
+    launch = uuid.uuid4().hex[:12]
+    if world == 1:
+        return launch, out
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        shared = [launch, str(out)]
+        dist.broadcast_object_list(shared, src=0)
+    finally:
+        dist.destroy_process_group()
+    if Path(shared[1]) != out and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()  # the folder Hydra made for this rank's own ``out``: unused
+    return shared[0], Path(shared[1])
+
+
+def part_path(out: Path, launch: str, rank: int) -> Path:
+    return out / f".part-{launch}-{rank}.npz"
+
+
+def merge_parts(out: Path, launch: str, world: int, count: int) -> np.ndarray:
+    """uint8 (count, H, W, C): the parts of this launch, each complete when it exists (written
+    atomically), in sample order. Parts of other launches are never read, and are removed."""
+    parts = [part_path(out, launch, r) for r in range(world)]
     while not all(p.exists() for p in parts):
         time.sleep(0.5)
-    arrays = [np.load(p) for p in parts]
-    first = next(a["arr_0"] for a in arrays if len(a["arr_0"]))
-    merged = np.zeros((count, *first.shape[1:]), np.uint8)
-    for a in arrays:
-        merged[a["index"]] = a["arr_0"]
-    path = out / f"samples_{count}x{merged.shape[1]}x{merged.shape[2]}x{merged.shape[3]}.npz"
-    _save_npz(path, arr_0=merged, labels=labels)
-    for p in parts:
-        p.unlink()
-    log.info(f"wrote {path} (arr_0 {merged.shape} uint8, labels)")
-    return path
+    merged, covered = None, np.zeros(count, dtype=np.int64)
+    for path in parts:
+        with np.load(path) as part:
+            images, index = part["arr_0"], part["index"]
+        if len(images) == 0:
+            continue
+        if merged is None:
+            merged = np.zeros((count, *images.shape[1:]), np.uint8)
+        merged[index] = images
+        np.add.at(covered, index, 1)
+    if merged is None or not (covered == 1).all():
+        raise RuntimeError(f"the parts of launch {launch} in {out} do not hold each of the {count} samples once")
+    for path in parts:
+        path.unlink()
+    for stale in sorted(set(out.glob(".part-*.npz")) - set(parts)):
+        log.warning(f"removed {stale.name}: a part of an earlier launch (not merged)")
+        stale.unlink()
+    return merged
+
+
+def sampling_record(cfg, model, sampler: Sampler, guidance, world: int, device: torch.device, out: Path) -> dict:
+    """What the samples were drawn with, as plain values, and the command that draws them again."""
+    ckpt = Path(cfg.ckpt).resolve()
+    record = {
+        "checkpoint": {
+            "path": str(ckpt),
+            "step": checkpoint_step(ckpt) if model.train_config is not None else None,
+            "weights": "ema" if cfg.ema else "raw",
+            "source": model.source,
+        },
+        "vae_path": cfg.vae_path,
+        "sampler": sampler_values(sampler),
+        "sampler_text": sampler.describe(),
+        "guidance": guidance_values(guidance),
+        "guidance_text": guidance.describe(),
+        "num_samples": cfg.num_samples,
+        "seed": cfg.seed,
+        "labels": None if cfg.labels is None else list(cfg.labels),  # None: uniform from the seed
+        "batch_size": cfg.batch_size,
+        "world_size": world,
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "format": cfg.format,
+        "out": str(out.resolve()),
+        "versions": library_versions(),
+    }
+    record["command"] = sample_command(record)
+    return record
 
 
 @hydra_command("ditlab.sample", "sample")

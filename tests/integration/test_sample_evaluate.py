@@ -89,8 +89,8 @@ def test_sample_writes_adm_npz_and_evaluate_reads_it(trained_run, prepared_clf, 
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "fid_clf" in result.stdout
-    written = json.loads((tmp_path / "s" / "samples_10x8x8x3.npz.metrics.json").read_text())
-    assert written["metrics"]["num_samples"] == 10 and written["metrics"]["fid_clf"] > 0
+    written = json.loads((tmp_path / "s" / "results.json").read_text())["evaluations"][-1]
+    assert written["protocol"]["num_samples"] == 10 and written["metrics"]["fid_clf"] > 0
     bad = run_module(
         "ditlab.sample", [f"ckpt={ckpt}", "num_samples=2", "labels=[5]", f"out={tmp_path / 'b'}"], cwd=tmp_path
     )
@@ -152,7 +152,7 @@ def test_fid_during_training_equals_sample_then_evaluate(trained_run, prepared_c
         cwd=tmp_path,
     )
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
-    written = json.loads(npz.with_name(npz.name + ".metrics.json").read_text())["metrics"]
+    written = json.loads(npz.with_name("results.json").read_text())["evaluations"][-1]["metrics"]
     assert written["fid_clf"] == pytest.approx(metrics["val/fid_clf"], rel=1e-3)
     assert written["sample_accuracy_clf"] == pytest.approx(metrics["val/sample_accuracy_clf"])
 

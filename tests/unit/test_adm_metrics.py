@@ -205,13 +205,14 @@ def test_suite_gives_every_metric_or_its_reason():
     ours = ReferenceStats.from_features(torch.from_numpy(ref_pool), "inception", keep=40)
     own = suite_from_features(samples, ditlab_reference_side(ours))
     assert set(own.metrics) == {"fid", "is", "precision", "recall"} and "mu_s/sigma_s" in own.skipped["sfid"]
+    # another feature space: the same definitions, but no sFID (Inception's mixed_6/conv)
     clf = ReferenceStats.from_features(torch.from_numpy(ref_pool), "clf", keep=0)
-    assert set(suite_from_features(samples, ditlab_reference_side(clf)).skipped) == {
-        "fid",
-        "sfid",
-        "precision",
-        "recall",
-    }
+    on_clf = suite_from_features(samples, ditlab_reference_side(clf))
+    assert set(on_clf.metrics) == {"fid", "is"} and on_clf.metrics["fid"] == result.metrics["fid"]
+    assert set(on_clf.skipped) == {"sfid", "precision", "recall"} and "Inception" in on_clf.skipped["sfid"]
+    # only what is asked for is measured or skipped
+    asked = suite_from_features(samples, adm_reference_side(stats_only, extractor=None), ["fid", "recall"])
+    assert set(asked.metrics) == {"fid"} and set(asked.skipped) == {"recall"}
 
 
 def test_adm_reference_file_is_validated(tmp_path):

@@ -3,7 +3,13 @@ EMA weights, its samples split across ranks (sample i's noise depends on i only,
 not depend on the number of GPUs), featurised, gathered and scored against the reference statistics
 ``prepare`` stored. Logs ``val/fid`` (Inception) or ``val/fid_clf`` (the dataset classifier) and, for
 the classifier, ``val/sample_accuracy_clf`` and the classifier's own accuracy on real validation
-images, ``val/classifier_accuracy_clf``."""
+images, ``val/classifier_accuracy_clf``; with ``fid_protocol.also_unguided`` the same without guidance
+(``val/fid_clf_unguided``, ...).
+
+The protocol behind the numbers (``FIDProtocol.describe`` with the reference's and the extractor
+weights' sha256, the library versions and which weights were sampled) is logged once per run: to the
+loggers as the hyperparameter ``fid_protocol_used`` and into metrics.json as ``fid_protocol``. A metric
+the protocol asks for but the reference cannot give is named once in the log, with the reason."""
 
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ class FIDCallback(SamplingCallback):
         self._reference = self._extractor = None
         self.classifier_accuracy: float | None = None
         self.last: dict[str, float] = {}
+        self.record: dict | None = None  # the protocol as measured (describe), once the first FID ran
 
     def on_fit_start(self, trainer, pl_module):
         if self.enabled:
@@ -54,7 +61,7 @@ class FIDCallback(SamplingCallback):
             )
             self.enabled = False
             return
-        self._reference = self.protocol.load_reference(prepared)
+        self.protocol.check_reference(prepared)  # another extractor's statistics fail now, not at the first FID
         if self.protocol.extractor == "clf" and (info := prepared.classifier / "classifier.json").is_file():
             # The judge's own accuracy on real validation images, logged beside the sample accuracy
             # (val/classifier_accuracy_clf) so that metrics.json says what "sample accuracy" compares with.
@@ -70,12 +77,47 @@ class FIDCallback(SamplingCallback):
         if self.enabled:
             self.evaluate(trainer, pl_module)
 
+    def summary_entries(self) -> dict:
+        return {} if self.record is None else {"fid_protocol": self.record}
+
+    def prepare_measuring(self, trainer, pl_module) -> None:
+        """The extractor and the reference, built at the first FID (on the run's device); the protocol
+        logged once, and what the reference cannot give said once."""
+        prepared, protocol = PreparedDir(trainer.datamodule.path), self.protocol
+        self._extractor = protocol.make_extractor(prepared, pl_module.device)
+        self._reference = protocol.load_reference(prepared, self._extractor)
+        if not trainer.is_global_zero:
+            return
+        for name, reason in protocol.unavailable(self._reference).items():
+            log.warning(f"val/{name} is not measured: {reason}")
+        self.record = {**protocol.describe(prepared, pl_module.objective), "weights": self.weights}
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"fid_protocol_used": self.record})
+
     @torch.no_grad()
     def evaluate(self, trainer, pl_module) -> dict[str, float]:
         start = time.time()
-        dm, device, protocol = trainer.datamodule, pl_module.device, self.protocol
         if self._extractor is None:
-            self._extractor = protocol.make_extractor(PreparedDir(dm.path), device)
+            self.prepare_measuring(trainer, pl_module)
+        results = {}
+        for suffix, variant in self.protocol.variants():
+            measured = self.measure(variant, trainer, pl_module)
+            results.update({f"val/{name}{suffix}": value for name, value in measured.items()})
+        if self.classifier_accuracy is not None:
+            results["val/classifier_accuracy_clf"] = float(self.classifier_accuracy)
+        results["val/fid_seconds"] = time.time() - start
+        # Logged directly (this also runs in on_train_end, where LightningModule.log is not allowed).
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in results.items()})
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(results, step=trainer.global_step)
+        self.last = results
+        return results
+
+    def measure(self, protocol, trainer, pl_module) -> dict[str, float]:
+        """``protocol``'s samples drawn on every rank (each its share), featurised, gathered in sample
+        order and measured."""
+        dm, device = trainer.datamodule, pl_module.device
         rank, world = trainer.global_rank, trainer.world_size
         padded = -(-protocol.num_samples // world) * world  # equal shares, so that all_gather lines up
         mine = torch.arange(rank, padded, world)  # this rank's sample indices
@@ -86,8 +128,7 @@ class FIDCallback(SamplingCallback):
         images = protocol.generate(
             net, pl_module.objective, codec, dm.num_classes, labels, mine, dm.latent_shape, device
         )
-        out = self._extractor(images)  # uint8 (n, C, H, W) in
-        local = {"features": out["features"], "logits": out["logits"], "labels": labels}
+        local = {**self._extractor(images), "labels": labels}  # uint8 (n, C, H, W) in
         if world > 1:
             gathered = {k: pl_module.all_gather(v.to(device)) for k, v in local.items()}  # (world, n, ...)
             # gathered[r][i] is sample r + i * world: interleave back to sample order, drop the padding
@@ -95,18 +136,7 @@ class FIDCallback(SamplingCallback):
                 k: v.transpose(0, 1).reshape(-1, *v.shape[2:])[: protocol.num_samples].cpu()
                 for k, v in gathered.items()
             }
-        results = protocol.measure(local, self._reference, local["labels"])
-        if self.classifier_accuracy is not None:
-            results["classifier_accuracy_clf"] = float(self.classifier_accuracy)
-        results = {f"val/{k}": v for k, v in results.items()}
-        results["val/fid_seconds"] = time.time() - start
-        # Logged directly (this also runs in on_train_end, where LightningModule.log is not allowed).
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in results.items()})
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(results, step=trainer.global_step)
-        self.last = results
-        return results
+        return protocol.measure(local, self._reference, local["labels"])
 
 
 def keep_reference_in_run_dir(protocol: FIDProtocol, prepared: PreparedDir, run_dir: Path) -> Path:

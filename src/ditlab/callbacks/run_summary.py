@@ -48,6 +48,9 @@ class RunSummary(Callback):
                 type(cb).__name__: cb.weights for cb in trainer.callbacks if isinstance(cb, SamplingCallback)
             },
         }
+        for cb in trainer.callbacks:
+            if isinstance(cb, SamplingCallback):
+                summary.update(cb.summary_entries())  # e.g. the FID's protocol as measured
         # the job's overrides (a sweep's values among them): what distinguishes this run from its siblings
         summary["overrides"] = job_overrides()
         if self.optimized_metric:

@@ -34,6 +34,10 @@ class SamplingCallback(Callback):
     def sample_now(self, trainer, pl_module):
         raise NotImplementedError
 
+    def summary_entries(self) -> dict:
+        """What this callback adds to the run's metrics.json (``RunSummary``); nothing by default."""
+        return {}
+
     @property
     def weights(self) -> str:
         return "ema" if self.use_ema else "raw"

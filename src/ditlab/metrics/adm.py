@@ -69,10 +69,12 @@ PR_BATCH_SIZE = 10000  # ADM's row_batch_size = col_batch_size
 
 @dataclass
 class InceptionFeatures:
-    """One forward's features of N images, float32 as the network gives them."""
+    """One forward's features of N images, float32 as the network gives them. The suite's metrics
+    apply to another extractor's features too (``ditlab.metrics.fidelity``: the dataset classifier's
+    features as ``pool``, its logits as ``logits``); such an extractor has no ``spatial``."""
 
     pool: np.ndarray  # (N, 2048) pool_3
-    spatial: np.ndarray  # (N, 2023) mixed_6/conv[..., :7], NHWC-flattened
+    spatial: np.ndarray | None  # (N, 2023) mixed_6/conv[..., :7], NHWC-flattened
     logits: np.ndarray  # (N, 1008) unbiased logits, pool @ fc.weight.T
 
 
@@ -106,7 +108,8 @@ def load_inception(weights_path: str | None):
     except OSError as err:  # urllib's errors are OSErrors: no network for the download
         raise RuntimeError(
             f"cannot download the inception-v3-compat weights ({type(err).__name__}); without network pass "
-            "weights_path=<local weights-inception-2015-12-05-6726825d.pth>"
+            "weights_path=<local weights-inception-2015-12-05-6726825d.pth>, or use the offline extractor "
+            "(extractor=clf / data.reference.extractor=clf)"
         ) from err
 
 
@@ -288,44 +291,92 @@ def stored_gaussian(data, mu_key: str, sigma_key: str, path: Path) -> Gaussian |
     return Gaussian(data[mu_key].astype(np.float64), data[sigma_key].astype(np.float64))
 
 
+REFERENCE_PARTS = ("pool", "spatial", "pool_features")
+# the part of a reference each metric compares with (IS needs none)
+METRIC_PARTS = {"fid": "pool", "sfid": "spatial", "precision": "pool_features", "recall": "pool_features"}
+
+
 @dataclass
 class ReferenceSide:
     """What a reference offers the suite; each part it lacks has its reason in ``missing``."""
 
     pool: Gaussian | None = None  # for FID
     spatial: Gaussian | None = None  # for sFID
-    pool_features: np.ndarray | None = None  # (R, 2048), for precision/recall
+    pool_features: np.ndarray | None = None  # (R, D), for precision/recall (and KID)
     missing: dict[str, str] = field(default_factory=dict)  # "pool" / "spatial" / "pool_features" -> why
+    extractor: str = "inception"  # the feature space: metric names carry it unless it is Inception's
+    image_size: int | None = None  # the real images' resolution (None: unknown)
 
 
-def adm_reference_side(reference: ADMReference, extractor: ADMInceptionExtractor) -> ReferenceSide:
+def is_adm_reference(path: str | Path) -> bool:
+    """An ADM reference batch (arr_0 and/or mu, sigma, mu_s, sigma_s) rather than ditlab's statistics
+    file, which names its extractor."""
+    with np.load(path) as data:
+        return "extractor" not in data.files
+
+
+def reference_image_size(path: str | Path) -> int | None:
+    """The resolution of the real images behind a reference file: ditlab's ``image_size``, or the
+    height of an ADM batch's ``arr_0`` (from the array's header, without reading the images); None
+    when the file does not say."""
+    with np.load(path) as data:
+        if "image_size" in data.files:
+            return int(data["image_size"])
+        if "arr_0" not in data.files:
+            return None
+        with data.zip.open("arr_0.npy") as member:
+            readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            reader = readers.get(np.lib.format.read_magic(member))
+            shape = reader(member)[0] if reader else data["arr_0"].shape
+    return int(shape[1]) if len(shape) == 4 else None
+
+
+def adm_reference_side(reference: ADMReference, extractor, needs=REFERENCE_PARTS) -> ReferenceSide:
     """ADM's read_statistics: stored statistics where the file has them, else those of its images;
-    precision/recall always from the images' pool features."""
+    precision/recall always from the images' pool features. The images go through ``extractor``
+    (an ``ADMInceptionExtractor``) only when a part in ``needs`` is not stored."""
     name = Path(reference.path).name
+    size = None if reference.images is None else int(reference.images.shape[1])
+    side = ReferenceSide(reference.pool, reference.spatial, None, image_size=size)
     if reference.images is None:
-        no_images = f"{name} has no arr_0 reference images, which precision/recall need"
-        side = ReferenceSide(reference.pool, reference.spatial, None, {"pool_features": no_images})
+        side.missing["pool_features"] = f"{name} has no arr_0 reference images, which precision/recall need"
         if reference.pool is None:
             side.missing["pool"] = f"{name} has neither mu/sigma nor reference images"
         if reference.spatial is None:
             side.missing["spatial"] = f"{name} has neither mu_s/sigma_s nor reference images"
         return side
+    if all(getattr(side, part) is not None for part in needs):
+        for part in REFERENCE_PARTS:  # nothing asked for what the images would give
+            if getattr(side, part) is None:
+                side.missing[part] = f"not extracted from {name}'s images (no metric asked for it)"
+        return side
+    if extractor is None:
+        raise ValueError(f"{name}: its reference images need an Inception extractor; expected one")
     features = extractor(torch.from_numpy(reference.images).permute(0, 3, 1, 2))  # NHWC -> NCHW
-    pool = reference.pool if reference.pool is not None else Gaussian.of(features.pool)
-    spatial = reference.spatial if reference.spatial is not None else Gaussian.of(features.spatial)
-    return ReferenceSide(pool, spatial, features.pool)
+    side.pool = reference.pool if reference.pool is not None else Gaussian.of(features.pool)
+    side.spatial = reference.spatial if reference.spatial is not None else Gaussian.of(features.spatial)
+    side.pool_features = features.pool
+    return side
 
 
-def ditlab_reference_side(stats) -> ReferenceSide:
-    """A ditlab ``ReferenceStats`` (mu, sigma, features, extractor): pool statistics and a pool-feature
-    subset, no spatial statistics."""
+def ditlab_reference_side(stats, name: str = "the reference statistics") -> ReferenceSide:
+    """A ditlab ``ReferenceStats`` (mu, sigma, features, extractor, mu_s/sigma_s): pool statistics, the
+    stored feature subset and, for Inception references written with them, the spatial statistics."""
+    side = ReferenceSide(Gaussian(stats.mu, stats.sigma), None, stats.features, {}, stats.extractor, stats.image_size)
     if stats.extractor != "inception":
-        reason = f"the reference holds {stats.extractor} features; the ADM suite needs Inception's"
-        return ReferenceSide(missing={"pool": reason, "spatial": reason, "pool_features": reason})
-    missing = {"spatial": "ditlab reference statistics hold no mu_s/sigma_s; use an ADM reference batch for sFID"}
+        side.missing["spatial"] = (
+            f"sFID is defined on Inception's mixed_6/conv features; {name} holds {stats.extractor} features"
+        )
+    elif getattr(stats, "mu_s", None) is None:
+        side.missing["spatial"] = (
+            f"{name} holds no mu_s/sigma_s (written before prepare stored them: delete it and rerun "
+            "ditlab.prepare, or use an ADM reference batch)"
+        )
+    else:
+        side.spatial = Gaussian(stats.mu_s, stats.sigma_s)
     if stats.features is None:
-        missing["pool_features"] = "the reference statistics keep no feature subset, which precision/recall need"
-    return ReferenceSide(Gaussian(stats.mu, stats.sigma), None, stats.features, missing)
+        side.missing["pool_features"] = f"{name} keeps no feature subset, which precision/recall and KID need"
+    return side
 
 
 # --- the suite -----------------------------------------------------------------------------------
@@ -333,7 +384,7 @@ def ditlab_reference_side(stats) -> ReferenceSide:
 
 @dataclass
 class SuiteResult:
-    """Each of METRIC_NAMES is either in ``metrics`` or in ``skipped`` with the reason."""
+    """Each metric asked for is either in ``metrics`` or in ``skipped`` with the reason."""
 
     metrics: dict[str, float]
     skipped: dict[str, str]
@@ -342,29 +393,40 @@ class SuiteResult:
 def suite_from_features(
     samples: InceptionFeatures,
     reference: ReferenceSide,
+    metrics=METRIC_NAMES,
     split_size: int = IS_SPLIT_SIZE,
     k: int = PR_NEIGHBOURHOOD,
     batch_size: int = PR_BATCH_SIZE,
     device: str = "cpu",
 ) -> SuiteResult:
-    """FID, sFID, IS, precision and recall of sample features against what the reference offers."""
-    metrics: dict[str, float] = {}
-    skipped: dict[str, str] = {}
-    if reference.pool is not None:
-        metrics["fid"] = Gaussian.of(samples.pool).distance(reference.pool)
-    else:
-        skipped["fid"] = reference.missing["pool"]
-    if reference.spatial is not None:
-        metrics["sfid"] = Gaussian.of(samples.spatial).distance(reference.spatial)
-    else:
-        skipped["sfid"] = reference.missing["spatial"]
-    metrics["is"] = inception_score(samples.logits, split_size)
-    if reference.pool_features is not None:
+    """The ``metrics`` (of METRIC_NAMES) of sample features against what the reference offers; a metric
+    the reference cannot give is in ``skipped`` with the reason, one that was not asked for in neither."""
+    unknown = set(metrics) - set(METRIC_NAMES)
+    if unknown:
+        raise ValueError(f"unknown suite metrics {sorted(unknown)}; expected a subset of {METRIC_NAMES}")
+    out: dict[str, float] = {}
+    skipped = unavailable(metrics, reference)
+    if "sfid" in metrics and "sfid" not in skipped and samples.spatial is None:
+        skipped["sfid"] = "the extractor gives no spatial features (sFID is Inception's mixed_6/conv)"
+    if "fid" in metrics and "fid" not in skipped:
+        out["fid"] = Gaussian.of(samples.pool).distance(reference.pool)
+    if "sfid" in metrics and "sfid" not in skipped:
+        out["sfid"] = Gaussian.of(samples.spatial).distance(reference.spatial)
+    if "is" in metrics:
+        out["is"] = inception_score(samples.logits, split_size)
+    if {"precision", "recall"} & set(metrics) and reference.pool_features is not None:
         pr = precision_recall(reference.pool_features, samples.pool, k, batch_size, device)
-        metrics["precision"], metrics["recall"] = pr
-    else:
-        skipped["precision"] = skipped["recall"] = reference.missing["pool_features"]
-    return SuiteResult({name: metrics[name] for name in METRIC_NAMES if name in metrics}, skipped)
+        out.update({name: value for name, value in zip(("precision", "recall"), pr) if name in metrics})
+    return SuiteResult({name: out[name] for name in METRIC_NAMES if name in out}, skipped)
+
+
+def unavailable(metrics, reference: ReferenceSide) -> dict[str, str]:
+    """The ``metrics`` (of METRIC_NAMES) that ``reference`` cannot give, each with its reason."""
+    return {
+        name: reference.missing[METRIC_PARTS[name]]
+        for name in metrics
+        if name in METRIC_PARTS and getattr(reference, METRIC_PARTS[name]) is None
+    }
 
 
 def evaluate_adm_suite(
@@ -382,4 +444,4 @@ def evaluate_adm_suite(
         side = ditlab_reference_side(reference)
     else:
         raise ValueError(f"reference is a {type(reference).__name__}; expected an ADMReference or ReferenceStats")
-    return suite_from_features(extractor(images), side, split_size, k, batch_size, extractor.device)
+    return suite_from_features(extractor(images), side, METRIC_NAMES, split_size, k, batch_size, extractor.device)

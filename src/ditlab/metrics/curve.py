@@ -121,17 +121,22 @@ def measured_against(run_dir: Path, protocol: FIDProtocol, train_config) -> tupl
 
 @torch.no_grad()
 def score_checkpoint(path: Path, ema: bool, num_samples: int | None, extractor: str | None, device: str) -> dict:
-    """The run's protocol measured on one checkpoint's weights."""
+    """The run's protocol measured on one checkpoint's weights (and without guidance too when the
+    protocol asks for it: ``*_unguided`` columns)."""
     model = load_model(path, ema=ema).to(device)
     protocol = run_protocol(model.train_config, num_samples, extractor)
     protocol, prepared = measured_against(path.parent.parent, protocol, model.train_config)
+    features_of = protocol.make_extractor(prepared, device)
+    reference = protocol.load_reference(prepared, features_of)
     labels = protocol.labels(model.num_classes)
     indices = torch.arange(len(labels))
-    images = protocol.generate(
-        model.net, model.objective, model.codec, model.num_classes, labels, indices, model.latent_shape, device
-    )
-    features = protocol.make_extractor(prepared, device)(images)
-    results = protocol.measure(features, protocol.load_reference(prepared), labels)
+    results = {}
+    for suffix, variant in protocol.variants():
+        images = variant.generate(
+            model.net, model.objective, model.codec, model.num_classes, labels, indices, model.latent_shape, device
+        )
+        measured = variant.measure(features_of(images), reference, labels)
+        results.update({f"{name}{suffix}": value for name, value in measured.items()})
     results["num_samples"] = protocol.num_samples
     return results
 

@@ -1,28 +1,57 @@
 """The FID protocol: how a number such as ``val/fid_clf`` is made, in one object.
 
     labels (uniform, seeded) -> generate (sampler, guidance, per-sample noise) -> uint8 images
-    -> feature extractor -> metrics against the reference statistics
+    -> feature extractor -> metrics against the reference
 
 ``FIDProtocol`` is built once from the ``fid_protocol`` config node and used by the FID callback
 during training, by a run's FID curve (``ditlab.evaluate run_dir=``, from the run's stored config)
 and, for its measuring half, by ``ditlab.evaluate samples=``. Changing a field changes every place
-at once, and what a number was made with can be printed from it (``describe``).
+at once, and what a number was made with is printed from it (``describe``: with a prepared dir also
+the reference's and the extractor weights' sha256 and the library versions).
+
+The reference is a ditlab statistics file (``reference_<extractor>.npz`` of a prepared dir) or an ADM
+reference batch (``VIRTUAL_imagenet256_labeled.npz``: statistics and reference images); either is read
+into what the metrics compare with (``ditlab.metrics.adm.ReferenceSide``), each part it cannot give
+with its reason (``unavailable``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
 from ditlab.data.prepared import PreparedDir
 from ditlab.data.transforms import model_range_to_uint8
 from ditlab.diffusion import Guidance, Sampler
 from ditlab.inference import generate, sample_labels
-from ditlab.metrics.fidelity import Extractor, compute_metrics
+from ditlab.metrics.adm import (
+    ReferenceSide,
+    adm_reference_side,
+    ditlab_reference_side,
+    is_adm_reference,
+    load_adm_reference,
+)
+from ditlab.metrics.fidelity import (
+    EXTRACTORS,
+    Extractor,
+    check_metrics,
+    compute_metrics,
+    reference_parts,
+    unavailable_metrics,
+)
+from ditlab.metrics.provenance import guidance_values, library_versions, sampler_values, sha256_of
 from ditlab.metrics.reference import ReferenceStats
+
+UNGUIDED_SUFFIX = "_unguided"  # val/fid_clf_unguided beside val/fid_clf
+
+
+def downloaded_inception_weights() -> Path:
+    """Where torch-fidelity keeps the Inception weights it downloads (torch hub's cache)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(URL_INCEPTION_V3).name
 
 
 @dataclass(frozen=True)
@@ -34,12 +63,15 @@ class FIDProtocol:
     sampler: None: the objective's fast solver (``Sampler.fast``).
     guidance: classifier-free guidance of the samples.
     seed: labels and per-sample noise.
-    reference: a statistics ``.npz``; None: the prepared dir's for the extractor.
+    reference: a ditlab statistics ``.npz`` or an ADM reference batch; None: the prepared dir's for
+        the extractor.
     weights_path: the extractor's weights; None: the prepared dir's classifier (clf), torch-fidelity's
         download (inception).
-    metrics: a subset of (fid, isc, kid, prc).
+    metrics: a subset of (fid, sfid, isc, kid, prc).
     batch_size: samples per generation batch (per rank).
     kid_subset_size: KID's subset size (at most the sample count).
+    also_unguided: also measure the samples without guidance (metrics named ``*_unguided``); no
+        effect when the guidance scale is 1.
     """
 
     extractor: str | None = "clf"
@@ -52,10 +84,14 @@ class FIDProtocol:
     metrics: Sequence[str] = ("fid",)
     batch_size: int = 250
     kid_subset_size: int = 1000
+    also_unguided: bool = False
 
     def __post_init__(self):
         if self.num_samples < 2:  # a covariance needs two samples
             raise ValueError(f"fid_protocol.num_samples={self.num_samples}; expected >= 2")
+        if self.extractor is not None and self.extractor not in EXTRACTORS:
+            raise ValueError(f"fid_protocol.extractor={self.extractor!r}; expected one of {tuple(EXTRACTORS)} or null")
+        check_metrics(self.metrics)
         object.__setattr__(self, "metrics", tuple(self.metrics))
 
     # ------------------------------------------------------------ what it measures against
@@ -67,11 +103,41 @@ class FIDProtocol:
             return str(prepared.classifier)
         return self.weights_path
 
-    def load_reference(self, prepared: PreparedDir) -> ReferenceStats:
-        return ReferenceStats.load(self.reference_path(prepared), self.extractor)
+    def weights_in_use(self, prepared: PreparedDir) -> str | None:
+        """The weights file the extractor reads: ``extractor_weights``, or for Inception without one
+        torch-fidelity's downloaded copy in the torch hub cache (None before its download)."""
+        weights = self.extractor_weights(prepared)
+        if weights is None and self.extractor == "inception":
+            cached = downloaded_inception_weights()
+            return str(cached) if cached.is_file() else None
+        return weights
 
-    def make_extractor(self, prepared: PreparedDir, device) -> Extractor:
-        return Extractor(self.extractor, self.extractor_weights(prepared), device=str(device))
+    def check_reference(self, prepared: PreparedDir) -> Path:
+        """The reference's path, checked to exist and to hold this extractor's features (cheap: at the
+        start of a run, not at its first FID)."""
+        path = self.reference_path(prepared)
+        if not path.is_file():
+            raise FileNotFoundError(f"reference statistics {str(path)!r} do not exist")
+        if not is_adm_reference(path):
+            ReferenceStats.load(path, self.extractor)
+        elif self.extractor != "inception":
+            raise ValueError(
+                f"{str(path)!r} is an ADM reference batch (Inception features); expected extractor=inception, "
+                f"not {self.extractor}"
+            )
+        return path
+
+    def load_reference(self, prepared: PreparedDir, extractor: Extractor | None = None) -> ReferenceSide:
+        """What the metrics compare with: a ditlab statistics file or an ADM reference batch, whose
+        images go through ``extractor`` when the metrics need more than its stored statistics."""
+        path = self.check_reference(prepared)
+        if not is_adm_reference(path):
+            return ditlab_reference_side(ReferenceStats.load(path, self.extractor), path.name)
+        inception = None if extractor is None else extractor.inception
+        return adm_reference_side(load_adm_reference(path), inception, reference_parts(self.metrics))
+
+    def make_extractor(self, prepared: PreparedDir, device, progress: bool = False) -> Extractor:
+        return Extractor(self.extractor, self.extractor_weights(prepared), device=str(device), progress=progress)
 
     # ------------------------------------------------------------ the two halves
     def sampler_for(self, objective) -> Sampler:
@@ -102,16 +168,47 @@ class FIDProtocol:
         )
         return model_range_to_uint8(images).permute(0, 3, 1, 2)
 
-    def measure(self, features: dict, reference: ReferenceStats, labels: torch.Tensor | None = None) -> dict:
+    def measure(self, features: dict, reference: ReferenceSide, labels: torch.Tensor | None = None) -> dict:
         """Metrics of extracted ``features`` (``Extractor``'s output) against ``reference``; with the
         classifier's features and ``labels``, also the sample accuracy."""
         labels = labels if self.extractor == "clf" else None
         return compute_metrics(features, reference, self.metrics, self.kid_subset_size, labels=labels)
 
-    def describe(self) -> dict:
-        """The protocol as plain values (for logs and result files)."""
-        out = asdict(self)
-        out["sampler"] = None if self.sampler is None else self.sampler.describe()
-        out["guidance"] = self.guidance.describe()
-        out["metrics"] = list(self.metrics)
+    def unavailable(self, reference: ReferenceSide) -> dict[str, str]:
+        """The metric names this protocol asks for that ``reference`` cannot give, with the reasons."""
+        return unavailable_metrics(self.metrics, reference)
+
+    def variants(self) -> list[tuple[str, FIDProtocol]]:
+        """(metric name suffix, protocol) of each measurement: this one, and the unguided one when
+        ``also_unguided`` (and the guidance does something)."""
+        if not self.also_unguided or self.guidance.scale == 1.0:
+            return [("", self)]
+        return [("", self), (UNGUIDED_SUFFIX, replace(self, guidance=Guidance(), also_unguided=False))]
+
+    def describe(self, prepared: PreparedDir | None = None, objective=None) -> dict:
+        """The protocol as plain values (logs, result files, the model card). With ``objective`` a None
+        sampler is resolved to the objective's fast solver; with ``prepared`` the reference and the
+        extractor's weights are resolved and hashed (sha256) and the library versions added."""
+        sampler = self.sampler_for(objective) if objective is not None else self.sampler
+        out = {
+            "extractor": self.extractor,
+            "extractor_model": EXTRACTORS.get(self.extractor),
+            "num_samples": self.num_samples,
+            "seed": self.seed,
+            "sampler": None if sampler is None else sampler_values(sampler),
+            "sampler_text": "the objective's fast solver" if sampler is None else sampler.describe(),
+            "guidance": guidance_values(self.guidance),
+            "guidance_text": self.guidance.describe(),
+            "batch_size": self.batch_size,
+            "reference": self.reference,
+            "weights_path": self.weights_path,
+            "metrics": list(self.metrics),
+            "kid_subset_size": self.kid_subset_size,
+            "also_unguided": self.also_unguided,
+        }
+        if prepared is not None and self.extractor is not None:
+            reference, weights = self.reference_path(prepared), self.weights_in_use(prepared)
+            out["reference"], out["reference_sha256"] = str(reference), sha256_of(reference)
+            out["weights_path"], out["weights_sha256"] = weights, sha256_of(weights)
+            out["versions"] = library_versions()
         return out

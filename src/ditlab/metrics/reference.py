@@ -1,5 +1,6 @@
 """FID reference statistics: the feature mean, covariance and a feature subset (for KID and
-precision/recall) of real images, stored in an .npz; computed by ``prepare`` for each prepared dataset
+precision/recall) of real images, and for Inception the spatial statistics of sFID (``mu_s``,
+``sigma_s``, ADM's names), stored in an .npz; computed by ``prepare`` for each prepared dataset
 (``ditlab.pipelines.reference``)."""
 
 from __future__ import annotations
@@ -20,15 +21,28 @@ class ReferenceStats:
     features: np.ndarray | None  # a subset, for KID and precision/recall
     extractor: str
     image_size: int | None = None  # the real images' resolution (None: unknown, e.g. ADM's files)
+    mu_s: np.ndarray | None = None  # Inception's spatial features (sFID): mean (2023,) ...
+    sigma_s: np.ndarray | None = None  # ... and covariance (2023, 2023); None: not stored
 
     @classmethod
     def from_features(
-        cls, features: torch.Tensor, extractor: str, keep: int = 10000, seed: int = 0, image_size: int | None = None
+        cls,
+        features: torch.Tensor,
+        extractor: str,
+        keep: int = 10000,
+        seed: int = 0,
+        image_size: int | None = None,
+        spatial: torch.Tensor | None = None,
     ):
+        """Statistics of (N, D) features (and of (N, D_s) spatial features when given)."""
         f = features.double().numpy()
         rng = np.random.default_rng(seed)
         subset = f[rng.choice(len(f), size=min(keep, len(f)), replace=False)] if keep else None
-        return cls(f.mean(0), np.cov(f, rowvar=False), subset, extractor, image_size)
+        stats = cls(f.mean(0), np.cov(f, rowvar=False), subset, extractor, image_size)
+        if spatial is not None:
+            s = spatial.numpy()
+            stats.mu_s, stats.sigma_s = s.mean(0, dtype=np.float64), np.cov(s, rowvar=False, dtype=np.float64)
+        return stats
 
     def save(self, path: str | Path) -> None:
         arrays = {"mu": self.mu, "sigma": self.sigma, "extractor": np.array(self.extractor)}
@@ -36,6 +50,8 @@ class ReferenceStats:
             arrays["features"] = self.features
         if self.image_size is not None:
             arrays["image_size"] = np.array(self.image_size)
+        if self.mu_s is not None:
+            arrays.update(mu_s=self.mu_s, sigma_s=self.sigma_s)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
@@ -53,6 +69,8 @@ class ReferenceStats:
             features = data["features"] if "features" in data else None
             size = int(data["image_size"]) if "image_size" in data else None
             stats = cls(data["mu"].astype(np.float64), data["sigma"].astype(np.float64), features, kind, size)
+            if "mu_s" in data and "sigma_s" in data:
+                stats.mu_s, stats.sigma_s = data["mu_s"].astype(np.float64), data["sigma_s"].astype(np.float64)
         if extractor is not None and extractor != stats.extractor:
             raise ValueError(
                 f"{str(path)!r} holds {stats.extractor} statistics; expected {extractor} (extractor={extractor})"

@@ -1,6 +1,8 @@
 """The FID reference statistics of a prepared dataset: the feature mean, covariance and a feature
-subset of real images (``ditlab.metrics.reference.ReferenceStats``). For the offline extractor
-(``clf``) the dataset classifier that defines the feature space is trained first."""
+subset of real images (``ditlab.metrics.reference.ReferenceStats``), and for Inception also the
+statistics of ADM's spatial features (``mu_s``, ``sigma_s``), so that sFID is measured against our own
+data as against ADM's reference batches. For the offline extractor (``clf``) the dataset classifier
+that defines the feature space is trained first."""
 
 from __future__ import annotations
 
@@ -70,11 +72,17 @@ def write_reference(settings: ReferenceSettings, sources: dict, prepared: Prepar
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(source, range(count)), batch_size=500, collate_fn=collate_skipping_failures
     )
-    features = []
+    features, spatial = [], []  # (n, D) each batch; Inception: (n, 2023) spatial features too
     for images, _labels, _keys, _failed in tqdm(loader, desc=f"{path.stem} ({settings.split})", unit="batch"):
         if images is not None:
-            features.append(extractor(model_range_to_uint8(images).permute(0, 3, 1, 2))["features"])
+            out = extractor(model_range_to_uint8(images).permute(0, 3, 1, 2))
+            features.append(out["features"])
+            if "spatial" in out:
+                spatial.append(out["spatial"])
     image_size = getattr(source, "image_size", None)
-    ReferenceStats.from_features(torch.cat(features), kind, image_size=image_size).save(path)
+    stats = ReferenceStats.from_features(
+        torch.cat(features), kind, image_size=image_size, spatial=torch.cat(spatial) if spatial else None
+    )
+    stats.save(path)
     log.info(f"{path.name}: statistics of {count} {settings.split} images")
     return path

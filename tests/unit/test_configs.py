@@ -83,6 +83,7 @@ def test_every_other_config_composes(group, tmp_path):
                 if name != "wandb":  # wandb starts a service process: covered by the run test below
                     instantiate(logger_cfg)
         elif group == "callbacks":
+            _extractor_as_train_resolves(cfg)
             [instantiate(c) for c in cfg.callbacks.values()]
         elif group == "vae" and option == "small_kl":
             instantiate(cfg.vae.recipe)  # what prepare trains
@@ -115,8 +116,17 @@ def test_experiment_values_win_over_the_groups_and_every_callback_builds(experim
         composed = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
         if not (isinstance(value, str) and "${" in value):  # interpolations resolve to other keys' values
             assert composed == value, f"{experiment}: {key} is {composed!r}, the experiment says {value!r}"
+    _extractor_as_train_resolves(cfg)
     [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     instantiate(cfg.fid_protocol)
+
+
+def _extractor_as_train_resolves(cfg):
+    """``fid_protocol.extractor=auto`` is resolved by ``ditlab.train`` from the statistics the prepared
+    dir holds (tests/integration cover that); a dir prepared with this data config holds its extractor's."""
+    if cfg.fid_protocol.extractor == "auto":
+        with open_dict(cfg):
+            cfg.fid_protocol.extractor = OmegaConf.select(cfg, "data.reference.extractor")
 
 
 def _leaves(node, prefix=""):

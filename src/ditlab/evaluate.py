@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from ditlab.data.prepared import PreparedDir
+from ditlab.data.prepared import reference_source
 from ditlab.metrics.curve import read_curve, score_checkpoints
 from ditlab.metrics.protocol import FIDProtocol
 from ditlab.runtime.errors import exit_on_error, hydra_command
@@ -52,12 +52,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             "nothing to evaluate; expected samples=<.npz or folder> reference=<stats>, or run_dir=<run dir>"
         )
     images, labels = load_samples(cfg.samples)
-    reference = Path(cfg.reference)
-    prepared = PreparedDir(reference if reference.is_dir() else reference.parent)
+    prepared, reference_file = reference_source(cfg.reference)  # local or s3://
     protocol = FIDProtocol(
         extractor=cfg.extractor or "inception",
         num_samples=len(images),
-        reference=None if reference.is_dir() else str(reference),  # a prepared dir: its own statistics
+        reference=reference_file,  # None for a prepared dir: its own statistics
         weights_path=cfg.weights_path,
         metrics=tuple(cfg.metrics),
         kid_subset_size=cfg.kid_subset_size,

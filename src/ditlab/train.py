@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ditlab.data.prepared import PreparedDir
+from ditlab.data.storage import StorageError
 from ditlab.pipelines.prepare import check_vae_matches
 from ditlab.prepare import prepare_from_config
 from ditlab.runtime import hardware
@@ -79,8 +80,12 @@ def build(cfg: DictConfig, init_weights: bool = True):
                 f"model.learn_sigma={net.learn_sigma} does not fit the {cfg.diffusion.objective._target_}"
                 " objective; leave it at ${diffusion.learn_sigma}"
             )
+    except StorageError:
+        raise  # the store, not the config: its own line and exit status
     except InstantiationException as err:
         cause = err.__cause__ or err
+        if isinstance(cause, StorageError):
+            raise cause from err
         raise ConfigError(str(cause).strip().splitlines()[0]) from err
     except (ValueError, TypeError, FileNotFoundError) as err:
         raise ConfigError(str(err).strip().splitlines()[0]) from err
@@ -174,6 +179,8 @@ def main(cfg: DictConfig) -> float | None:
         fail("ditlab.train", str(err), code=3, remove_run_dir=False)
     except CheckpointWriteError as err:
         fail("ditlab.train", err.strerror or str(err), code=4, remove_run_dir=False)
+    except StorageError as err:  # the object store refused or stopped answering (after its retries)
+        fail("ditlab.train", str(err), code=err.exit_code)
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ def prepare_dataset(
     sources = {split: make_source(split) for split in splits}  # bad input fails here, before any write
     if len(sources["train"]) == 0:
         raise ValueError(f"{dataset_name} has no training images; expected images to prepare")
-    prepared.root.mkdir(parents=True, exist_ok=True)
+    prepared.local.mkdir(parents=True, exist_ok=True)  # a remote dir's staging folder (uploaded by write_meta)
     codec = fit_codec(recipe, make_codec, sources["train"], prepared, device, rank).to(device).eval()
     summaries = {
         split: _extract(split, source, codec, prepared, flip, encode, device) for split, source in sources.items()

@@ -46,7 +46,9 @@ class ReferenceSettings:
 
 
 def write_reference(settings: ReferenceSettings, sources: dict, prepared: PreparedDir, device) -> Path:
-    """Compute and save ``prepared.reference(extractor)`` (skipped when it exists); returns its path."""
+    """Compute and save ``prepared.reference(extractor)`` (skipped when it exists); returns its path.
+    A remote prepared dir receives what is written here at once: a dir prepared before its statistics
+    were configured gets them without a new meta.json."""
     kind = settings.extractor
     path = prepared.reference(kind)
     if path.is_file():
@@ -64,6 +66,7 @@ def write_reference(settings: ReferenceSettings, sources: dict, prepared: Prepar
             log=log.info,
             device=device,
         )
+        prepared.upload(PreparedDir.CLASSIFIER)
     extractor = Extractor(kind, settings.extractor_weights(prepared), device=str(device))
     source = sources[settings.split]
     count = len(source) if settings.max_images is None else min(len(source), settings.max_images)
@@ -76,5 +79,6 @@ def write_reference(settings: ReferenceSettings, sources: dict, prepared: Prepar
             features.append(extractor(model_range_to_uint8(images).permute(0, 3, 1, 2))["features"])
     image_size = getattr(source, "image_size", None)
     ReferenceStats.from_features(torch.cat(features), kind, image_size=image_size).save(path)
+    prepared.upload(path.name)
     log.info(f"{path.name}: statistics of {count} {settings.split} images")
     return path

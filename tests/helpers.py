@@ -4,6 +4,7 @@ runs in-process or as commands, and exact comparisons of their checkpoints."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,12 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from lightning import Callback
 from omegaconf import open_dict
 from PIL import Image
 
 from ditlab.data.prepared import PreparedDir
+from ditlab.data.shards import ShardWriter
 from ditlab.prepare import prepare_from_config
 from ditlab.runtime import faults
 from ditlab.train import train
@@ -338,3 +341,48 @@ def seed_reference_dit(input_size=8, patch_size=2, in_channels=4, hidden_size=64
             return x.reshape(x.shape[0], c_out, h * p, h * p)
 
     return SeedDiT().eval()
+
+
+# ------------------------------------------------------------------ the object store (s3://)
+# Servers the tests started, by port: the outage callback below stops one from inside a training run.
+S3_SERVERS: dict = {}
+
+
+class StoreOutage(Callback):
+    """Stops the S3 server on ``port`` at the end of training step ``at_step`` (the store goes away
+    mid-epoch); added as ``+callbacks.outage._target_=helpers.StoreOutage``."""
+
+    def __init__(self, port: int, at_step: int):
+        self.port, self.at_step = port, at_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step:
+            S3_SERVERS[self.port].stop()
+
+
+def rechunked(prepared: Path, dest: Path, copies: int = 1) -> Path:
+    """A copy of a prepared dir whose train split holds its items ``copies`` times over, one item a
+    chunk: a tiny split is otherwise one chunk, fetched whole before the first step."""
+    from litdata import StreamingDataset
+
+    shutil.copytree(prepared, dest, ignore=shutil.ignore_patterns("train", PreparedDir.META))
+    items = list(StreamingDataset(str(prepared / "train")))
+    writer = ShardWriter(dest / "train", chunk_bytes="1B")  # litdata closes a chunk once it is this full
+    for item in items * copies:
+        writer.add(np.asarray(item["latent"]), int(item["label"]))
+    writer.finish()
+    meta = PreparedDir(prepared).read_meta()
+    meta["splits"]["train"]["count"] = len(items) * copies
+    PreparedDir(dest).write_meta(meta)
+    return dest
+
+
+def store_files(server, bucket: str, prefix: str) -> dict[str, bytes]:
+    """{name under prefix: content} of every object under ``s3://bucket/prefix``."""
+    client = server.client()
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix + "/").get("Contents", [])]
+    return {k[len(prefix) + 1 :]: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+
+def local_files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from ditlab.data.prepared import PreparedDir
+from ditlab.data.prepared import PreparedDir, reference_source
 from ditlab.diffusion import Guidance, Sampler
 from ditlab.metrics.adm import reference_image_size
 from ditlab.metrics.curve import read_curve, score_checkpoints
@@ -82,10 +82,9 @@ def read_sampling_record(samples: Path, count: int) -> dict | None:
     return record
 
 
-def measuring_protocol(cfg: DictConfig, sampling: dict | None, count: int) -> FIDProtocol:
+def measuring_protocol(cfg: DictConfig, sampling: dict | None, count: int, reference: str | None) -> FIDProtocol:
     """The FID protocol of these samples: the sampling half from their record, the measuring half
-    from the command line (a prepared dir as reference: its own statistics)."""
-    reference = Path(cfg.reference)
+    from the command line; ``reference``: the statistics file (None: a prepared dir's own statistics)."""
     drawn = {}
     if sampling is not None:
         drawn = {
@@ -97,7 +96,7 @@ def measuring_protocol(cfg: DictConfig, sampling: dict | None, count: int) -> FI
     return FIDProtocol(
         extractor=cfg.extractor or "inception",
         num_samples=count,
-        reference=None if reference.is_dir() else str(reference),
+        reference=reference,
         weights_path=cfg.weights_path,
         metrics=tuple(cfg.metrics),
         kid_subset_size=cfg.kid_subset_size,
@@ -207,15 +206,16 @@ def evaluate(cfg: DictConfig) -> dict:
     evaluations = read_evaluations(out)  # a foreign file there fails now, not after the measuring
     images, labels = load_samples(samples)
     sampling = read_sampling_record(samples, len(images))
-    protocol = measuring_protocol(cfg, sampling, len(images))
-    reference = Path(cfg.reference)
-    prepared = PreparedDir(reference if reference.is_dir() else reference.parent)
+    prepared, reference_file = reference_source(cfg.reference)  # local or s3:// (fetched here)
+    protocol = measuring_protocol(cfg, sampling, len(images), reference_file)
     path = protocol.check_reference(prepared)  # before any network is built: wrong files fail in one line
     check_image_size(images, reference_image_size(path), cfg.samples, path)
     extractor = protocol.make_extractor(prepared, device, progress=cfg.progress)
     side = protocol.load_reference(prepared, extractor)
     metrics = protocol.measure(extractor(images), side, labels)
     described = protocol_record(protocol, prepared, sampling, device)
+    if prepared.remote:  # the store's object, not this machine's copy of it: the command reruns anywhere
+        described["reference"] = prepared.location(path.name)
     header, row = markdown_row(metrics, described)
     entry = {
         "samples": {

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ditlab.data.prepared import PreparedDir
 from ditlab.pipelines.prepare import prepare_dataset
@@ -22,7 +22,7 @@ def prepare_from_config(cfg: DictConfig) -> Path:
     """Build the stage's arguments from the ``data``, ``vae`` and ``encode`` config groups and run it."""
     make_source = instantiate(cfg.data.source, _partial_=True)
     return prepare_dataset(
-        PreparedDir(cfg.data.prepared_dir),
+        PreparedDir(cfg.data.prepared_dir, OmegaConf.select(cfg, "data.module.cache_dir")),  # s3://: staged there
         dataset_name=cfg.data.name,
         make_source=lambda split: make_source(split=split),
         splits=list(cfg.data.splits),

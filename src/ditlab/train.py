@@ -26,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ditlab.data.datamodule import LatentDataModule
 from ditlab.data.prepared import PreparedDir
+from ditlab.data.storage import StorageError
 from ditlab.metrics.fidelity import EXTRACTORS
 from ditlab.metrics.reference import ReferenceStats
 from ditlab.models.vae import portable_codec
@@ -62,7 +63,8 @@ def build(cfg: DictConfig, init_weights: bool = True):
             check_source(cfg.init_from)
         except FileNotFoundError as err:
             raise ConfigError(str(err)) from err
-    prepared = PreparedDir(cfg.data.prepared_dir)
+    # s3://: the same local cache as the datamodule's (the VAE, classifier and statistics read below)
+    prepared = PreparedDir(cfg.data.prepared_dir, OmegaConf.select(cfg, "data.module.cache_dir"))
     ensure_prepared(cfg, prepared)
     # Seeded after preparing: preparation draws random numbers (the small VAE, the classifier) on rank 0
     # alone, and a run that prepared its data must start from the weights of one that found it prepared.
@@ -88,8 +90,12 @@ def build(cfg: DictConfig, init_weights: bool = True):
                 f"model.learn_sigma={net.learn_sigma} does not fit the {cfg.diffusion.objective._target_}"
                 " objective; leave it at ${diffusion.learn_sigma}"
             )
+    except StorageError:
+        raise  # the store, not the config: its own line and exit status
     except InstantiationException as err:
         cause = err.__cause__ or err
+        if isinstance(cause, StorageError):
+            raise cause from err
         raise ConfigError(str(cause).strip().splitlines()[0]) from err
     except (ValueError, TypeError, FileNotFoundError) as err:
         raise ConfigError(str(err).strip().splitlines()[0]) from err
@@ -249,6 +255,8 @@ def main(cfg: DictConfig) -> float | None:
         fail("ditlab.train", err.strerror or str(err), code=4, remove_run_dir=False)
     except LostRank as err:
         fail("ditlab.train", str(err), code=LOST_RANK_EXIT, remove_run_dir=False)
+    except StorageError as err:  # the object store refused or stopped answering (after its retries)
+        fail("ditlab.train", str(err), code=err.exit_code)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ def test_benchmarks_run_on_tiny_sizes(capsys, tmp_path):
     main(["train", "--models", "dit_s8", "--batches", "2", "--size", "8", "--steps", "1", "--warmup", "0"])
     main(["sampling", "--batch", "2", "--size", "4", "--hidden", "32", "--depth", "1"])
     out = capsys.readouterr().out
-    assert "samples/s" in out and "img/s" in out and "dpmpp_2m" in out
+    assert "samples/s" in out and "img/s" in out and "dpmpp_2m" in out and "object store" in out
     # a model config and chosen samplers (NFE counted through generate: Heun 3 steps = 5 evaluations)
     main(["sampling", "--batch", "2", "--size", "4", "--model", "dit_s2", "--samplers", "dpmpp_2m:4,flow_heun:3"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("Gaussian", "Flow"))]

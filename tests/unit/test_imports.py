@@ -14,7 +14,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[2] / "src"
 PACKAGE = SRC / "ditlab"
 # Third-party modules a function may import where it needs them: slow to import or optional.
-LAZY_OK = ("diffusers", "litdata", "matplotlib", "torch.distributed")
+LAZY_OK = ("boto3", "botocore", "diffusers", "litdata", "matplotlib", "torch.distributed")
 
 
 def module_name(path: Path) -> str:

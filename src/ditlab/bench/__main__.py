@@ -27,12 +27,18 @@ def main(argv=None) -> None:
     s.add_argument("--samplers", default=ALL_SAMPLERS, help="name:steps,... (the first is the reference)")
     s.add_argument("--cfg-scale", type=float, default=1.5)
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    d = sub.add_parser("data", help="samples/s the LatentDataModule delivers")
+    d = sub.add_parser("data", help="samples/s the LatentDataModule delivers from local disk and an S3 store")
     d.add_argument("--count", type=int, default=20000)
     d.add_argument("--size", type=int, default=32)
     d.add_argument("--batch", type=int, default=256)
     d.add_argument("--workers", type=int, default=2)
     d.add_argument("--epochs", type=int, default=3)
+    d.add_argument(
+        "--store",
+        default="auto",
+        help="auto: also read from a throwaway S3 server on 127.0.0.1 (moto); s3://bucket/prefix: that store "
+        "(AWS_ENDPOINT_URL etc.; the prefix is overwritten); off: local disk only",
+    )
     t = sub.add_parser("train", help="img/s, ratio, MFU, memory: the official DiT step vs ditlab's DiTModule")
     t.add_argument("--models", type=lambda v: v.split(","), default=["dit_s2", "dit_b4", "dit_xl2"])
     t.add_argument("--batches", type=lambda v: [int(b) for b in v.split(",")], default=[32, 128])

@@ -50,7 +50,7 @@ class FIDCallback(SamplingCallback):
     def setup(self, trainer, pl_module, stage):
         if not self.enabled:
             return
-        prepared = PreparedDir(trainer.datamodule.path)
+        prepared = trainer.datamodule.prepared
         path = self.protocol.reference_path(prepared)
         if not path.is_file():
             # Training goes on without it; say once, clearly, how to get it.
@@ -69,9 +69,7 @@ class FIDCallback(SamplingCallback):
 
     def on_train_start(self, trainer, pl_module):
         if self.enabled and trainer.is_global_zero:
-            keep_reference_in_run_dir(
-                self.protocol, PreparedDir(trainer.datamodule.path), Path(trainer.default_root_dir)
-            )
+            keep_reference_in_run_dir(self.protocol, trainer.datamodule.prepared, Path(trainer.default_root_dir))
 
     def sample_now(self, trainer, pl_module):
         if self.enabled:
@@ -83,7 +81,7 @@ class FIDCallback(SamplingCallback):
     def prepare_measuring(self, trainer, pl_module) -> None:
         """The extractor and the reference, built at the first FID (on the run's device); the protocol
         logged once, and what the reference cannot give said once."""
-        prepared, protocol = PreparedDir(trainer.datamodule.path), self.protocol
+        prepared, protocol = trainer.datamodule.prepared, self.protocol
         self._extractor = protocol.make_extractor(prepared, pl_module.device)
         self._reference = protocol.load_reference(prepared, self._extractor)
         if not trainer.is_global_zero:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from lightning import Callback
 
-from ditlab.data.prepared import PreparedDir
 from ditlab.models.vae import codec_from_record
 from ditlab.training.cadence import at_optimizer_step
 
@@ -50,5 +49,5 @@ class SamplingCallback(Callback):
         """The codec that decodes the run's latents (built once)."""
         if self._codec is None:
             dm = trainer.datamodule
-            self._codec = codec_from_record(dm.meta["vae"], PreparedDir(dm.path).vae).to(pl_module.device)
+            self._codec = codec_from_record(dm.meta["vae"], dm.prepared.vae).to(pl_module.device)
         return self._codec

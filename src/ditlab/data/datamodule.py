@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from lightning import LightningDataModule
 
+from ditlab.data import storage
 from ditlab.data.prepared import PreparedDir
 from ditlab.data.shards import check_split, stored_views
 from ditlab.seeding import stream_generator
@@ -77,22 +78,35 @@ def _resumable_loader_class():
             if self.restore and not self._fresh_restore:
                 self.restore = False  # a restore already consumed by an earlier epoch
             self._fresh_restore = False
-            return super().__iter__()
+            return _naming_store_failures(super().__iter__())
 
     return ResumableStreamingDataLoader
+
+
+def _naming_store_failures(batches):
+    """The batches; a chunk download that failed for good (``ditlab.data.storage``) is raised as its
+    one-line StorageError, not as the RuntimeError litdata and DataLoader workers wrap it in."""
+    try:
+        yield from batches
+    except Exception as err:
+        failure = storage.named_store_failure(err)
+        if failure is None:
+            raise
+        raise failure from err
 
 
 class LatentDataModule(LightningDataModule):
     """Batches of (latents (N, C, H, W) float32 in model space, labels (N,) long).
 
     Args:
-        path: a prepared directory (local or a litdata-supported URL such as s3://...); the
-            meta.json is read from it (remote: from ``meta_path``).
+        path: a prepared directory, local or in an object store (``s3://bucket/prefix``).
         batch_size: per device. num_workers, pin_memory: as in DataLoader.
         seed: shuffling and per-step sampling seed. flip / sample_posterior: augmentation switches.
         with_images: also hand out each sample's clean image, of the same view as its latent
             (batches become (latents, labels, images uint8 (N, C, H, W))); the data must store them
             (prepared with ``data.store_images=true``): representation alignment encodes them.
+        cache_dir: where a remote directory's chunks (under ``chunks/``) and small files are cached on
+            this machine (default ``ditlab.data.storage.cache_root()``); unused for a local directory.
     """
 
     def __init__(
@@ -106,9 +120,9 @@ class LatentDataModule(LightningDataModule):
         sample_posterior: bool = True,
         train_split: str = "train",
         val_split: str = "val",
-        meta_path: str | None = None,
         drop_last: bool = True,
         with_images: bool = False,
+        cache_dir: str | None = None,
     ):
         super().__init__()
         if batch_size < 1:
@@ -122,7 +136,9 @@ class LatentDataModule(LightningDataModule):
         self.sample_posterior = sample_posterior
         self.train_split, self.val_split = train_split, val_split
         self.drop_last = drop_last
-        self.meta = PreparedDir(meta_path or self.path).read_meta()
+        self.cache_dir = cache_dir
+        self.prepared = PreparedDir(self.path, cache_dir)
+        self.meta = self.prepared.read_meta()
         if flip and stored_views(self.meta) == 1:
             raise ValueError(
                 f"flip=true but {self.path} was prepared without flipped views (data.flip=false); expected "
@@ -168,24 +184,38 @@ class LatentDataModule(LightningDataModule):
 
     def check_data(self) -> None:
         """Fail before training on missing, truncated or foreign shards (one line each)."""
-        if "://" in self.path:
-            return
         for split in (self.train_split, self.val_split):
-            location = Path(self.path) / split
             if split == self.train_split or split in self.meta.get("splits", {}):
-                if not (location / "index.json").is_file():
-                    raise FileNotFoundError(f"split {split!r} missing in {self.path}: expected {location}/index.json")
-                check_split(location, self.meta)
+                self._check_split(split)
+
+    def _check_split(self, split: str) -> None:
+        if self.prepared.remote:
+            location = self.prepared.location(split)
+            if storage.stat(storage.join(location, "index.json")) is None:
+                raise FileNotFoundError(f"split {split!r} missing in {self.path}: expected {location}/index.json")
+            check_split(location, self.meta, self._chunk_cache())
+            return
+        location = Path(self.path) / split
+        if not (location / "index.json").is_file():
+            raise FileNotFoundError(f"split {split!r} missing in {self.path}: expected {location}/index.json")
+        check_split(location, self.meta)
 
     # ------------------------------------------------------------ loading
+    def _chunk_cache(self) -> str:
+        return str(Path(self.cache_dir or storage.cache_root()) / "chunks")
+
     def _dataset(self, split: str, shuffle: bool):
         from litdata import StreamingDataset
 
         location = f"{self.path.rstrip('/')}/{split}"
-        if "://" not in self.path and not (Path(location) / "index.json").is_file():
+        remote = {}
+        if self.prepared.remote:
+            storage.stream_s3_with_ditlab()
+            remote = {"cache_dir": self._chunk_cache()}  # litdata adds <hash of the URL>/<index version>
+        elif not (Path(location) / "index.json").is_file():
             raise FileNotFoundError(f"split {split!r} missing in {self.path}: expected {location}/index.json")
         return StreamingDataset(
-            location, shuffle=shuffle, seed=self.seed, drop_last=self.drop_last if shuffle else False
+            location, shuffle=shuffle, seed=self.seed, drop_last=self.drop_last if shuffle else False, **remote
         )
 
     def setup(self, stage: str | None = None) -> None:

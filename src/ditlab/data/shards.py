@@ -7,7 +7,8 @@
                             label  int
                             image  uint8 (C, H, W), only with data.store_images: the preprocessed image
 
-litdata's format means the same directory can be copied to S3/GCS and streamed to many nodes.
+litdata's format streams from an object store as from a local disk (``ditlab.data.storage``): a
+prepared dir at ``s3://bucket/prefix`` is written here first, then uploaded, index.json last.
 A split is written into ``<split>.tmp`` and renamed once every rank finished, so an interrupted
 run leaves nothing that a later run would mistake for finished work.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ditlab.data import storage
 from ditlab.runtime.files import publish
 
 INDEX_FILE = "index.json"
@@ -40,28 +42,30 @@ def count_items(split_dir: Path) -> int:
     return sum(chunk["chunk_size"] for chunk in index["chunks"])
 
 
-def check_split(split_dir: str | Path, meta: dict) -> None:
+def check_split(split_dir: str | Path, meta: dict, cache_dir: str | Path | None = None) -> None:
     """A split's shards are complete and hold what meta.json says: every chunk file has the size its
     index records (a truncated shard otherwise surfaces as a litdata timeout, many lines deep), and
-    the first item is a float16 latent block (V, M, C, H, W) of meta's views and latent shape."""
-    split_dir = Path(split_dir)
-    try:
-        chunks = json.loads((split_dir / INDEX_FILE).read_text())["chunks"]
-    except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"{split_dir / INDEX_FILE} is unreadable ({err}); expected litdata's index") from err
+    the first item is a float16 latent block (V, M, C, H, W) of meta's views and latent shape.
+    ``split_dir`` may be a URL (``ditlab.data.storage``); ``cache_dir`` is then where litdata caches
+    the chunk that holds the first item (training's cache: the chunk is not fetched twice)."""
+    chunks, sizes = _chunks_and_sizes(split_dir)
     for chunk in chunks:
-        f = split_dir / chunk["filename"]
-        size = f.stat().st_size if f.is_file() else None
+        size = sizes.get(chunk["filename"])
         if size != chunk["chunk_bytes"]:
             raise ValueError(
-                f"shard {f} is {'missing' if size is None else f'{size} bytes'}; expected {chunk['chunk_bytes']} "
-                "bytes (truncated: delete the prepared dir and rerun ditlab.prepare)"
+                f"shard {_join(split_dir, chunk['filename'])} is {'missing' if size is None else f'{size} bytes'}; "
+                f"expected {chunk['chunk_bytes']} bytes (truncated: delete the prepared dir and rerun ditlab.prepare)"
             )
     from litdata import StreamingDataset
 
+    if storage.is_remote(split_dir):
+        storage.stream_s3_with_ditlab()
     try:
-        latent = np.asarray(StreamingDataset(str(split_dir))[0]["latent"])
+        latent = np.asarray(StreamingDataset(str(split_dir), cache_dir=cache_dir)[0]["latent"])
     except Exception as err:  # noqa: BLE001 - an undecodable item is a bad shard, whatever litdata raises
+        failure = storage.named_store_failure(err)
+        if failure is not None:  # the store, not the shard
+            raise failure from err
         raise ValueError(
             f"the first item of {split_dir} cannot be decoded ({err}); expected ditlab.prepare's shards"
         ) from err
@@ -76,6 +80,31 @@ def check_split(split_dir: str | Path, meta: dict) -> None:
             f"latents in {split_dir} are {latent.dtype} {latent.shape}; expected {meta.get('latent_dtype', 'float16')} "
             f"({views}, M, {', '.join(map(str, shape))}) as meta.json says"
         )
+
+
+def _join(split_dir: str | Path, name: str) -> str | Path:
+    return storage.join(split_dir, name) if storage.is_remote(split_dir) else Path(split_dir) / name
+
+
+def _chunks_and_sizes(split_dir: str | Path) -> tuple[list[dict], dict[str, int]]:
+    """The chunks a split's index lists, and the size of every file the split holds."""
+    index = _join(split_dir, INDEX_FILE)
+    try:
+        if storage.is_remote(split_dir):
+            data = storage.read_bytes(index)
+            if data is None:
+                raise FileNotFoundError(f"{index} does not exist")
+            chunks = json.loads(data)["chunks"]
+        else:
+            chunks = json.loads(index.read_text())["chunks"]
+    except (OSError, ValueError, KeyError) as err:
+        if isinstance(err, storage.StorageError):
+            raise
+        raise ValueError(f"{index} is unreadable ({err}); expected litdata's index") from err
+    if storage.is_remote(split_dir):
+        return chunks, storage.list_objects(split_dir)
+    files = [Path(split_dir) / c["filename"] for c in chunks]
+    return chunks, {f.name: f.stat().st_size for f in files if f.is_file()}
 
 
 class ShardWriter:

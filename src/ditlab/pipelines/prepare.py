@@ -17,7 +17,10 @@ ranks meet through the prepared dir (a filesystem every node shares):
     the other ranks wait for meta.json, so that nothing after prepare reads a dir half prepared
 
 A wait longer than ``encode.wait_s`` is one error line. A rank that dies leaves no meta.json
-(rank 0 never gets all the shards); a rerun resumes.
+(rank 0 never gets all the shards); a rerun resumes. A dir in an object store (``s3://``) is written
+through its local staging folder (``PreparedDir.local``), so there the ranks meet in that folder
+(under ``data.module.cache_dir``: shared by every node only where that is a shared filesystem) and
+rank 0's meta.json uploads it all.
 """
 
 from __future__ import annotations
@@ -123,7 +126,7 @@ def prepare_dataset(
     sources = {split: make_source(split) for split in splits}  # bad input fails here, before any write
     if len(sources["train"]) == 0:
         raise ValueError(f"{dataset_name} has no training images; expected images to prepare")
-    prepared.root.mkdir(parents=True, exist_ok=True)
+    prepared.local.mkdir(parents=True, exist_ok=True)  # a remote dir's staging folder (uploaded by write_meta)
     codec = fit_codec(recipe, make_codec, sources["train"], prepared, device, rank, encode.wait_s).to(device).eval()
     summaries = {
         split: _extract(split, source, codec, prepared, flip, store_images, encode, device)
@@ -138,8 +141,9 @@ def prepare_dataset(
     if wants_reference:
         write_reference(reference, sources, prepared, device)
     meta = _meta(dataset_name, sources["train"], codec, vae_name, flip, store_images, summaries)
+    counts = _counts_dir(prepared)  # before meta.json: a remote dir's local folder changes with it
     prepared.write_meta(meta)
-    _forget_counts(prepared)
+    _forget_counts(counts)
     log.info(
         f"prepared {prepared.root}: latents {meta['latent_shape']}, scale factor {meta['vae']['scale_factor']:.5f}"
     )
@@ -150,8 +154,13 @@ def prepare_dataset(
 COUNTS_DIR = ".rank_counts"  # each rank's counts of a split, until rank 0 has written meta.json
 
 
+def _counts_dir(prepared: PreparedDir) -> Path:
+    # a remote dir's staging folder; never uploaded (a dot folder: storage.is_temporary)
+    return prepared.local / COUNTS_DIR
+
+
 def _counts_file(prepared: PreparedDir, split: str, rank: int) -> Path:
-    return prepared.root / COUNTS_DIR / f"{split}.rank{rank}.json"
+    return _counts_dir(prepared) / f"{split}.rank{rank}.json"
 
 
 def _hand_over_to_rank_zero(prepared: PreparedDir, summaries: dict, rank: int, wait_s: float) -> None:
@@ -159,7 +168,7 @@ def _hand_over_to_rank_zero(prepared: PreparedDir, summaries: dict, rank: int, w
     then waits for meta.json: nothing after prepare may read the dir before it is complete."""
     for split, summary in summaries.items():
         write_json(_counts_file(prepared, split, rank), {k: summary[k] for k in ("count", "per_class", "skipped")})
-    wait_until(prepared.is_prepared, wait_s, f"rank 0 to write {prepared.meta_path}")
+    wait_until(prepared.is_prepared, wait_s, f"rank 0 to write {prepared.location(PreparedDir.META)}")
 
 
 def _all_ranks_counts(prepared: PreparedDir, split: str, own: dict, world_size: int, wait_s: float) -> dict:
@@ -180,11 +189,11 @@ def _all_ranks_counts(prepared: PreparedDir, split: str, own: dict, world_size: 
     }
 
 
-def _forget_counts(prepared: PreparedDir) -> None:
-    for f in (prepared.root / COUNTS_DIR).glob("*.json"):
+def _forget_counts(counts: Path) -> None:
+    for f in counts.glob("*.json"):
         f.unlink()
-    if (prepared.root / COUNTS_DIR).is_dir():
-        (prepared.root / COUNTS_DIR).rmdir()
+    if counts.is_dir():
+        counts.rmdir()
 
 
 def _add_reference(reference, make_source, splits, prepared: PreparedDir, device, rank: int, wait_s: float) -> None:
@@ -192,8 +201,11 @@ def _add_reference(reference, make_source, splits, prepared: PreparedDir, device
     if rank == 0:
         write_reference(reference, {s: make_source(s) for s in splits}, prepared, device)
         return
-    path = prepared.reference(reference.extractor)
-    wait_until(path.is_file, wait_s, f"rank 0 to write {path}")
+
+    def written() -> bool:  # asked anew each time: a remote dir's statistics are fetched once uploaded
+        return prepared.reference(reference.extractor).is_file()
+
+    wait_until(written, wait_s, f"rank 0 to write the {reference.extractor} reference statistics of {prepared.root}")
 
 
 def _codec_path(make_codec) -> str | None:

@@ -48,7 +48,9 @@ class ReferenceSettings:
 
 
 def write_reference(settings: ReferenceSettings, sources: dict, prepared: PreparedDir, device) -> Path:
-    """Compute and save ``prepared.reference(extractor)`` (skipped when it exists); returns its path."""
+    """Compute and save ``prepared.reference(extractor)`` (skipped when it exists); returns its path.
+    A remote prepared dir receives what is written here at once: a dir prepared before its statistics
+    were configured gets them without a new meta.json."""
     kind = settings.extractor
     path = prepared.reference(kind)
     if path.is_file():
@@ -66,6 +68,7 @@ def write_reference(settings: ReferenceSettings, sources: dict, prepared: Prepar
             log=log.info,
             device=device,
         )
+        prepared.upload(PreparedDir.CLASSIFIER)
     extractor = Extractor(kind, settings.extractor_weights(prepared), device=str(device))
     source = sources[settings.split]
     count = len(source) if settings.max_images is None else min(len(source), settings.max_images)
@@ -84,5 +87,6 @@ def write_reference(settings: ReferenceSettings, sources: dict, prepared: Prepar
         torch.cat(features), kind, image_size=image_size, spatial=torch.cat(spatial) if spatial else None
     )
     stats.save(path)
+    prepared.upload(path.name)
     log.info(f"{path.name}: statistics of {count} {settings.split} images")
     return path

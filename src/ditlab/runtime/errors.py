@@ -58,9 +58,14 @@ def exit_on_error(prog: str, fn: Callable, *args, errors=INPUT_ERRORS):
     except InstantiationException as err:
         if not isinstance(err.__cause__, errors):
             raise
-        fail(prog, str(err.__cause__) or type(err.__cause__).__name__)
+        fail(prog, str(err.__cause__) or type(err.__cause__).__name__, code=exit_code(err.__cause__))
     except errors as err:
-        fail(prog, str(err) or type(err).__name__)
+        fail(prog, str(err) or type(err).__name__, code=exit_code(err))
+
+
+def exit_code(err: BaseException) -> int:
+    """An error's own exit status where it has one (e.g. an object store that stopped answering), else 2."""
+    return getattr(err, "exit_code", BAD_INPUT_EXIT)
 
 
 def remove_fresh_run_dir() -> None:

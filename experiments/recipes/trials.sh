@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The recipe trials of experiments/recipes/README.md: experiment=fmnist_cpu (the `make train`
-# default) with one switch at a time, FID every 500 steps, on one prepared dir that also stores the
-# images (REPA encodes them; the latents are the default's). Each trial goes through the heavy lock
-# alone, so its step time is not shared with another job.
+# The recipe trials of experiments/recipes/README.md: experiment=fmnist_cpu as it was before REPA
+# was adopted into it (now: pass `~repa` for the trials' default) with one switch at a time, FID
+# every 500 steps, on one prepared dir that also stores the images (REPA encodes them; the latents
+# are the default's). Each trial goes through the heavy lock alone, so its step time is not shared
+# with another job.
 #   usage: experiments/recipes/trials.sh <name> [overrides ...]      (from the repo root)
 #   env: ROOT (runs and data, default /work/runs), SEED (default 0), PY (python)
 set -euo pipefail

@@ -47,24 +47,40 @@ def compose_cfg(config_name: str, overrides: list[str]):
         return compose(config_name=config_name, overrides=overrides, return_hydra_config=False)
 
 
+def folder_overrides(
+    folder, prepared, size: int = 8, val_fraction: float = 0.25, vae: str | None = "identity", extra=()
+):
+    """``ditlab.prepare``'s overrides for an image folder at ``size`` x ``size`` into ``prepared``
+    (one encode worker, no progress bars, no reference unless ``extra`` asks); ``vae`` None: ``extra``
+    names it."""
+    return [
+        "data=folder",
+        f"data.source.root={folder}",
+        f"data.source.image_size={size}",
+        f"data.source.val_fraction={val_fraction}",
+        *([f"vae={vae}"] if vae else []),
+        f"data.prepared_dir={prepared}",
+        "encode.num_workers=0",
+        "encode.progress=false",
+        "data.reference.extractor=null",
+        *extra,
+    ]
+
+
 def prepare_tiny_folder(tmp: Path, reference: str | None = None, store_images: bool = False) -> Path:
     """Identity-VAE 'latents' (3, 8, 8) of a tiny 3-class image folder (16 images a class, 25% val);
     ``reference="clf"`` also trains a 2-second classifier and writes its FID reference statistics;
     ``store_images`` keeps the uint8 images in the shards (and with them, each image's flip: views 2)."""
     folder = make_image_folder(tmp / "images", per_class=16, size=(8, 8), corrupt=False)
-    overrides = [
-        "data=folder",
-        f"data.source.root={folder}",
-        "data.source.image_size=8",
-        "data.source.val_fraction=0.25",
-        "vae=identity",
-        f"data.prepared_dir={tmp / 'latents'}",
-        "encode.num_workers=0",
-        "encode.progress=false",
-        f"data.reference.extractor={reference or 'null'}",
-        "data.reference.classifier_seconds=2",
-        f"data.store_images={store_images}",
-    ]
+    overrides = folder_overrides(
+        folder,
+        tmp / "latents",
+        extra=[
+            f"data.reference.extractor={reference or 'null'}",
+            "data.reference.classifier_seconds=2",
+            f"data.store_images={store_images}",
+        ],
+    )
     cfg = compose_cfg("prepare", overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp)
@@ -111,19 +127,7 @@ def prepare_cfg(tmp_path: Path, folder: Path, vae: str = "identity", extra=()):
     """``ditlab.prepare`` of an image folder at 16x16 (20% val), into ``tmp_path/prepared``."""
     cfg = compose_cfg(
         "prepare",
-        [
-            "data=folder",
-            f"data.source.root={folder}",
-            "data.source.image_size=16",
-            "data.source.val_fraction=0.2",
-            f"vae={vae}",
-            f"data.prepared_dir={tmp_path / 'prepared'}",
-            "encode.num_workers=0",
-            "encode.progress=false",
-            "encode.batch_size=8",
-            "data.reference.extractor=null",
-            *extra,
-        ],
+        folder_overrides(folder, tmp_path / "prepared", 16, 0.2, vae, ["encode.batch_size=8", *extra]),
     )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)

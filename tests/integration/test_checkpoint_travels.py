@@ -26,7 +26,7 @@ from ditlab.pipelines.export import export_pipeline
 from ditlab.prepare import prepare_from_config
 from ditlab.sample import main as sample_main
 from ditlab.train import train
-from helpers import compose_cfg, compose_run, invoke_main, make_image_folder, read_meta
+from helpers import compose_cfg, compose_run, folder_overrides, invoke_main, make_image_folder, read_meta
 
 SMALL_VAE = [  # a small VAE of 3 steps: 8x8 RGB -> 4x4x4 latents (what matters is that its weights travel)
     "vae=small_kl",
@@ -54,18 +54,12 @@ def small_vae_run(tmp_path_factory):
     prepared = root / "latents"
     cfg = compose_cfg(
         "prepare",
-        [
-            "data=folder",
-            f"data.source.root={folder}",
-            "data.source.image_size=8",
-            "data.source.val_fraction=0.25",
-            f"data.prepared_dir={prepared}",
-            "encode.num_workers=0",
-            "encode.progress=false",
-            "data.reference.extractor=clf",
-            "data.reference.classifier_seconds=1",
-            *SMALL_VAE,
-        ],
+        folder_overrides(
+            folder,
+            prepared,
+            vae=None,
+            extra=["data.reference.extractor=clf", "data.reference.classifier_seconds=1", *SMALL_VAE],
+        ),
     )
     with open_dict(cfg):
         cfg.paths.output_dir = str(root)

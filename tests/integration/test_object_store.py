@@ -31,6 +31,7 @@ from helpers import (
     compose_fault_run,
     compose_run,
     fault_overrides,
+    folder_overrides,
     invoke_main,
     local_files,
     make_image_folder,
@@ -70,18 +71,13 @@ def prepare_small_kl(folder, where, tmp_path):
     """The small VAE (3 steps) and the fid_clf classifier (3 steps) on a tiny folder, into ``where``."""
     cfg = compose_cfg(
         "prepare",
-        [
-            "data=folder",
-            f"data.source.root={folder}",
-            "data.source.image_size=16",
-            "data.source.val_fraction=0.25",
-            *SMALL_KL,
-            f"data.prepared_dir={where}",
-            "encode.num_workers=0",
-            "encode.progress=false",
-            "data.reference.extractor=clf",
-            "data.reference.classifier_steps=3",
-        ],
+        folder_overrides(
+            folder,
+            where,
+            16,
+            vae=None,
+            extra=[*SMALL_KL, "data.reference.extractor=clf", "data.reference.classifier_steps=3"],
+        ),
     )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)

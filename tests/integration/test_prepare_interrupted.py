@@ -10,22 +10,11 @@ from pathlib import Path
 from omegaconf import open_dict
 
 from ditlab.prepare import prepare_from_config
-from helpers import compose_cfg, make_image_folder, run_command
+from helpers import compose_cfg, folder_overrides, make_image_folder, run_command
 
 
 def _args(folder: Path, out: Path) -> list[str]:  # what helpers.prepare_tiny_folder uses, smaller batches
-    return [
-        "data=folder",
-        f"data.source.root={folder}",
-        "data.source.image_size=8",
-        "data.source.val_fraction=0.25",
-        "vae=identity",
-        f"data.prepared_dir={out}",
-        "encode.num_workers=0",
-        "encode.progress=false",
-        "encode.batch_size=8",
-        "data.reference.extractor=null",
-    ]
+    return folder_overrides(folder, out, extra=["encode.batch_size=8"])
 
 
 def _content(prepared: Path) -> dict:

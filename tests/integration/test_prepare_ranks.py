@@ -13,26 +13,22 @@ from pathlib import Path
 
 import numpy as np
 
-from helpers import cli_env, make_image_folder, read_meta
+from helpers import cli_env, folder_overrides, make_image_folder, read_meta
 
 
 def _args(folder: Path, out: Path, log_dir: Path) -> list[str]:
     """helpers.prepare_tiny_folder's data (3 classes of 8x8 RGB, identity 'latents'), with a clf
     reference whose classifier rank 0 trains for 3 s after the shards: the window rank 1 must wait."""
-    return [
-        "data=folder",
-        f"data.source.root={folder}",
-        "data.source.image_size=8",
-        "data.source.val_fraction=0.25",
-        "vae=identity",
-        f"data.prepared_dir={out}",
-        "encode.num_workers=0",
-        "encode.progress=false",
-        "encode.batch_size=8",
-        "data.reference.extractor=clf",
-        "data.reference.classifier_seconds=3",
-        f"hydra.run.dir={log_dir}",
-    ]
+    return folder_overrides(
+        folder,
+        out,
+        extra=[
+            "encode.batch_size=8",
+            "data.reference.extractor=clf",
+            "data.reference.classifier_seconds=3",
+            f"hydra.run.dir={log_dir}",
+        ],
+    )
 
 
 def _rank(rank: int, args: list[str], cwd: Path, **env) -> subprocess.Popen:

@@ -21,10 +21,26 @@ def config_variants(group):
     return [option for option in config_options(group) if option != "base"]
 
 
+# The paper's table (Peebles & Xie 2023, Table 1: depth / hidden size / heads at patch 2, 4 and 8),
+# stated here on its own: the model options, which DIT_CONFIGS is read from, must say the same.
+PAPER = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+PAPER_OPTIONS = {f"dit_{size.lower()}{patch}": (size, patch) for size in PAPER for patch in (2, 4, 8)}
+
+
+def test_the_paper_table_is_read_from_the_model_options():
+    expected = {
+        f"DiT-{size}/{patch}": dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch)
+        for size, (depth, hidden, heads) in PAPER.items()
+        for patch in (2, 4, 8)
+    }
+    assert DIT_CONFIGS == expected
+    assert set(PAPER_OPTIONS) <= set(config_variants("model"))
+
+
 @pytest.mark.parametrize("model", config_variants("model"))
-def test_every_model_config_matches_the_paper_table(model):
-    """Each paper option (dit_xl2 ...) builds exactly DIT_CONFIGS' sizes; the others build too. An
-    option is an architecture: the input size, channels and class count are left to the data."""
+def test_every_model_option_builds_the_architecture_it_states(model):
+    """Each option builds a net of the sizes it composes to (a paper option: the paper's). An option
+    is an architecture: the input size, channels and class count are left to the data."""
     bare = compose_cfg("train", [f"model={model}"]).model
     assert (bare.input_size, bare.in_channels, bare.num_classes) == (None, None, None)
     data = ["model.input_size=32", "model.in_channels=4", "model.num_classes=1000"]  # ImageNet-256 SD latents
@@ -38,14 +54,10 @@ def test_every_model_config_matches_the_paper_table(model):
         num_heads=net.num_heads,
         patch_size=net.patch_size,
     )
-    size, patch = model.removeprefix("dit_")[:-1].upper(), model[-1]
-    if f"DiT-{size}/{patch}" in DIT_CONFIGS:
-        assert built == DIT_CONFIGS[f"DiT-{size}/{patch}"]
-
-
-def test_every_paper_config_has_a_model_option():
-    names = {f"dit_{name[4:].replace('/', '').lower()}" for name in DIT_CONFIGS}
-    assert names <= set(config_variants("model"))
+    assert built == {key: cfg.model[key] for key in built}
+    if model in PAPER_OPTIONS:
+        size, patch = PAPER_OPTIONS[model]
+        assert built == dict(zip(("depth", "hidden_size", "num_heads"), PAPER[size]), patch_size=patch)
 
 
 def test_model_base_alone_is_incomplete():
@@ -57,18 +69,22 @@ def test_model_base_alone_is_incomplete():
 @pytest.mark.parametrize(
     "group", ["diffusion", "sampler", "optim", "trainer", "callbacks", "logger", "data", "vae", "experiment"]
 )
-def test_every_other_config_composes(group, tmp_path):
+def test_every_other_config_composes_and_builds_what_it_states(group, tmp_path):
     for option in config_variants(group):
         cfg = compose_cfg("train", [f"{group}={option}", f"paths.root_dir={tmp_path}"])
         with open_dict(cfg):
             cfg.paths.output_dir = str(tmp_path / "run")
+        assert OmegaConf.to_container(cfg, resolve=True), f"{group}={option}"  # every interpolation resolves
         if group == "diffusion":
             objective = instantiate(cfg.diffusion.objective)
+            assert objective.learn_sigma == cfg.diffusion.learn_sigma, option
             instantiate(cfg.sampler).check(objective) if option == "ddpm" else None
         elif group == "sampler":
-            instantiate(cfg.sampler)
+            sampler = instantiate(cfg.sampler)
+            assert (sampler.name, sampler.steps) == (cfg.sampler.name, cfg.sampler.steps), option
         elif group == "optim":
             opt = instantiate(cfg.optim.optimizer)([torch.nn.Parameter(torch.zeros(1))])
+            assert opt.defaults["lr"] == cfg.optim.optimizer.lr, option
             instantiate(cfg.optim.scheduler)(opt)
         elif group == "trainer":
             # Built for real on the CPU (the GPU options with the accelerator switched): strategy,
@@ -77,18 +93,23 @@ def test_every_other_config_composes(group, tmp_path):
                 cfg.trainer.accelerator = "cpu"
                 cfg.trainer.devices = 1
             trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
-            assert trainer.max_steps == cfg.trainer.max_steps
+            assert trainer.max_steps == cfg.trainer.max_steps, option
         elif group == "logger":
-            for name, logger_cfg in cfg.logger.items():
-                if name != "wandb":  # wandb starts a service process: covered by the run test below
-                    instantiate(logger_cfg)
+            built = [instantiate(c) for name, c in cfg.logger.items() if name != "wandb"]
+            # wandb starts a service process: covered by the run tests
+            assert len(built) == len([name for name in cfg.logger if name != "wandb"]), option
         elif group == "callbacks":
             _extractor_as_train_resolves(cfg)
-            [instantiate(c) for c in cfg.callbacks.values()]
-        elif group == "vae" and option == "small_kl":
-            instantiate(cfg.vae.recipe)  # what prepare trains
-        elif group == "vae" and option == "identity":
-            instantiate(cfg.vae.codec)  # the pretrained ones need their weights (tested with a local VAE)
+            built = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+            assert len(built) == len(cfg.callbacks) > 0, option
+        elif group == "vae":
+            assert cfg.vae.name == option, option
+            if option == "small_kl":
+                assert instantiate(cfg.vae.recipe).kind == "small_kl"  # what prepare trains
+            elif option == "identity":  # the pretrained ones need their weights (tested with a local VAE)
+                assert instantiate(cfg.vae.codec).kind == "identity"
+        elif group in ("data", "experiment"):
+            assert cfg.data.name and cfg.data.prepared_dir, f"{group}={option}"
 
 
 def test_slurm_launcher_signals_before_the_limit_and_experiments_resume():

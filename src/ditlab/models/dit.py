@@ -29,10 +29,12 @@ official ones. A switch changes only the modules it names:
 from __future__ import annotations
 
 import math
+from importlib import resources
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import yaml
 from timm.layers import Attention, Mlp, PatchEmbed
 
 NORMS = ("layer", "rms")
@@ -446,12 +448,41 @@ class DiT(nn.Module):
 # The paper's configurations
 # --------------------------------------------------------------------------------------------
 
-# name -> (depth, hidden_size, num_heads)
-DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
-DIT_CONFIGS = {
-    f"DiT-{size}/{patch}": dict(depth=d, hidden_size=h, num_heads=nh, patch_size=patch)
-    for size, (d, h, nh) in DIT_SIZES.items()
-    for patch in (2, 4, 8)
+PAPER_SIZES = ("S", "B", "L", "XL")
+PAPER_PATCHES = (2, 4, 8)
+PAPER_KEYS = ("depth", "hidden_size", "num_heads", "patch_size")
+
+
+def _paper_configs() -> dict[str, dict]:
+    """The paper's table, ``DiT-XL/2`` -> its sizes, read from the model options that state it
+    (``conf/model/dit_xl2.yaml`` ...): the config files are the one source of the numbers, and
+    ``model=dit_xl2`` on the command line and ``build_dit("DiT-XL/2")`` in code build the same net."""
+    folder = resources.files("ditlab") / "conf" / "model"
+    table = {}
+    for size in PAPER_SIZES:
+        for patch in PAPER_PATCHES:
+            option = f"dit_{size.lower()}{patch}"
+            values = _option_values(folder, option)
+            table[f"DiT-{size}/{patch}"] = {key: values[key] for key in PAPER_KEYS}
+    return table
+
+
+def _option_values(folder, option: str) -> dict:
+    """A model option's own keys over those of the options it inherits (its ``defaults`` other than
+    ``base`` and ``_self_``), as Hydra composes them."""
+    own = yaml.safe_load((folder / f"{option}.yaml").read_text())
+    values = {}
+    for parent in own.pop("defaults", []):
+        if parent not in ("base", "_self_"):
+            values.update(_option_values(folder, parent))
+    return {**values, **own}
+
+
+DIT_CONFIGS = _paper_configs()
+# size -> (depth, hidden_size, num_heads), e.g. "XL" -> (28, 1152, 16)
+DIT_SIZES = {
+    size: tuple(DIT_CONFIGS[f"DiT-{size}/2"][key] for key in ("depth", "hidden_size", "num_heads"))
+    for size in PAPER_SIZES
 }
 
 

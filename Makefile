@@ -9,8 +9,8 @@ FMNIST := /usr/share/datasets/fashion-mnist
 
 install: $(STAMP) fashion-mnist
 
-# Re-installs only when the project's dependencies change. tools/install.py: uv (19 s for torch's
-# 5.3 GB installed, pip took ~3 min) with pip's own index settings, and pip itself when uv fails.
+# Re-installs only when the project's dependencies change. tools/install.py: uv with pip's own index
+# settings, and pip itself when uv fails (the two measured: experiments/fmnist_cpu/README.md).
 $(STAMP): pyproject.toml tools/install.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) tools/install.py -e '.[dev]'
@@ -30,7 +30,8 @@ fashion-mnist:
 train: install
 	$(PY) -m ditlab.train experiment=fmnist_cpu
 
-# unit + integration (pyproject's addopts leave out `slow`): about 10 minutes on 2 cores
+# unit + integration (pyproject's addopts leave out `slow`); its time on 2 cores, test by test:
+# experiments/benchmarks/README.md
 test: install
 	$(PY) -m pytest -q
 

@@ -28,7 +28,7 @@ from PIL import Image
 
 from ditlab.data.prepared import PreparedDir, reference_source
 from ditlab.diffusion import Guidance, Sampler
-from ditlab.metrics.adm import reference_image_size
+from ditlab.metrics.adm_reference import reference_image_size
 from ditlab.metrics.curve import read_curve, score_checkpoints
 from ditlab.metrics.fidelity import metric_suffix
 from ditlab.metrics.protocol import FIDProtocol

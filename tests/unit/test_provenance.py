@@ -11,7 +11,7 @@ import torch
 from hydra.utils import instantiate
 
 from ditlab.diffusion import Guidance, Sampler
-from ditlab.metrics.adm import is_adm_reference, reference_image_size
+from ditlab.metrics.adm_reference import is_adm_reference, reference_image_size
 from ditlab.metrics.fidelity import compute_metrics, unavailable_metrics
 from ditlab.metrics.protocol import FIDProtocol
 from ditlab.metrics.provenance import (

@@ -4,7 +4,7 @@ Images are uint8 (N, C, H, W). Features come from ``Extractor``: ``inception`` (
 ``inception-v3-compat``, the TF-ported network of ADM's evaluator, through ``ADMInceptionExtractor``:
 pool_3, the unbiased logits and ADM's spatial features; weights downloaded by torch-fidelity, or
 read from ``weights_path`` offline) or ``clf`` (the dataset's own classifier, see
-classifier_features.py). One definition of each metric, ADM's (``ditlab.metrics.adm``), whatever
+classifier_features.py). One definition of each metric, ADM's (``ditlab.metrics.suite``), whatever
 the feature space: FID and sFID through the robust Fréchet distance (``ditlab.metrics.frechet``),
 IS over splits of 5000 samples, precision/recall with k = 3. KID, which ADM does not report, is
 torch-fidelity's. Metric names carry the feature space unless it is Inception's: ``fid`` vs ``fid_clf``.
@@ -21,14 +21,10 @@ from torch_fidelity.utils import create_feature_extractor
 from tqdm.auto import tqdm
 
 import ditlab.metrics.classifier_features  # noqa: F401 - registers the ditlab-clf extractor
-from ditlab.metrics.adm import (
-    ADMInceptionExtractor,
-    InceptionFeatures,
-    ReferenceSide,
-    ditlab_reference_side,
-    suite_from_features,
-)
+from ditlab.metrics.inception import ADMInceptionExtractor, InceptionFeatures
 from ditlab.metrics.reference import ReferenceStats
+from ditlab.metrics.reference_side import ReferenceSide, ditlab_reference_side
+from ditlab.metrics.suite import suite_from_features
 
 EXTRACTORS = {"inception": "inception-v3-compat", "clf": "ditlab-clf"}
 METRICS = ("fid", "sfid", "isc", "kid", "prc")

@@ -11,7 +11,7 @@ the reference's and the extractor weights' sha256 and the library versions).
 
 The reference is a ditlab statistics file (``reference_<extractor>.npz`` of a prepared dir) or an ADM
 reference batch (``VIRTUAL_imagenet256_labeled.npz``: statistics and reference images); either is read
-into what the metrics compare with (``ditlab.metrics.adm.ReferenceSide``), each part it cannot give
+into what the metrics compare with (``ditlab.metrics.reference_side.ReferenceSide``), each part it cannot give
 with its reason (``unavailable``).
 """
 
@@ -28,13 +28,7 @@ from ditlab.data.prepared import PreparedDir
 from ditlab.data.transforms import model_range_to_uint8
 from ditlab.diffusion import Guidance, Sampler
 from ditlab.inference import generate, sample_labels
-from ditlab.metrics.adm import (
-    ReferenceSide,
-    adm_reference_side,
-    ditlab_reference_side,
-    is_adm_reference,
-    load_adm_reference,
-)
+from ditlab.metrics.adm_reference import is_adm_reference, load_adm_reference
 from ditlab.metrics.fidelity import (
     EXTRACTORS,
     Extractor,
@@ -45,6 +39,7 @@ from ditlab.metrics.fidelity import (
 )
 from ditlab.metrics.provenance import guidance_values, library_versions, sampler_values, sha256_of
 from ditlab.metrics.reference import ReferenceStats
+from ditlab.metrics.reference_side import ReferenceSide, adm_reference_side, ditlab_reference_side
 
 UNGUIDED_SUFFIX = "_unguided"  # val/fid_clf_unguided beside val/fid_clf
 

@@ -135,8 +135,7 @@ def score_checkpoint(path: Path, ema: bool, num_samples: int | None, extractor: 
         images = variant.generate(
             model.net, model.objective, model.codec, model.num_classes, labels, indices, model.latent_shape, device
         )
-        measured = variant.measure(features_of(images), reference, labels)
-        results.update({f"{name}{suffix}": value for name, value in measured.items()})
+        results.update(variant.measure(features_of(images), reference, labels, suffix, device))
     results["num_samples"] = protocol.num_samples
     return results
 

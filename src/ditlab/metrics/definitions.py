@@ -58,15 +58,20 @@ def inception_score(logits: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> floa
         raise ValueError(f"logits have shape {tuple(logits.shape)}; expected (N >= 1, K)")
     if split_size < 1:
         raise ValueError(f"split_size={split_size}; expected a positive number of samples per split")
-    log_p = logits.log_softmax(dim=1)  # (N, K); finite where the softmax would round to 0
-    return float(np.mean([split_inception_score(part) for part in log_p.split(split_size)]))
+    return float(inception_score_of_log_probs(logits.log_softmax(dim=1), split_size))  # finite where softmax is 0
 
 
-def split_inception_score(log_p: torch.Tensor) -> float:
-    """exp(mean KL(p_i || q)) of one split of log-probabilities (n, K); q is the split's mean p."""
-    log_q = torch.logsumexp(log_p, dim=0) - np.log(len(log_p))  # (K,) log mean_i p_i, finite
-    kl = (log_p.exp() * (log_p - log_q)).sum(dim=1)  # (n,)
-    return float(kl.mean().exp())
+def inception_score_of_log_probs(log_p: torch.Tensor, split_size: int = IS_SPLIT_SIZE) -> torch.Tensor:
+    """IS from log-probabilities (..., N, K): the mean score of consecutive splits of ``split_size`` along
+    N; (...), a batch of sets at once (the bootstrap's resamples)."""
+    return torch.stack([split_inception_score(part) for part in log_p.split(split_size, dim=-2)], -1).mean(-1)
+
+
+def split_inception_score(log_p: torch.Tensor) -> torch.Tensor:
+    """exp(mean KL(p_i || q)) of one split of log-probabilities (..., n, K); q is the split's mean p."""
+    log_q = torch.logsumexp(log_p, dim=-2, keepdim=True) - np.log(log_p.shape[-2])  # (..., 1, K) log mean p
+    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)  # (..., n)
+    return kl.mean(dim=-1).exp()
 
 
 def squared_distances(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

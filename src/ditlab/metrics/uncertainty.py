@@ -24,7 +24,8 @@ images, so it adds seconds to a measurement, not a sampling run.
   whose factor (N - d) / d is 1). KID's half-values are the full-set unbiased MMD^2 with KID's kernel,
   so its se is the samples' part of KID's error, not that of torch-fidelity's draw of subsets. Above
   ``HALF_SAMPLE_CAP`` samples the halves are drawn from a random ``HALF_SAMPLE_CAP`` of them and the
-  se scaled by sqrt(cap / N). Interval value +- z se (no bias correction).
+  se scaled by sqrt(cap / N). Interval value +- z se (no bias correction). Below 4 samples (KID) or
+  2 (k + 1) samples (recall) the halves are too small, and these two have no interval.
 - fid_inf: Chong & Forsyth 2020 ("Effectively Unbiased FID and Inception Score and where to find
   them"): FID of nested random subsets of 15 sizes evenly spaced from N / 5 to N, a least-squares line
   against 1 / n, its value at 1 / n = 0. An estimate of the same N -> infinity value, noisier than
@@ -138,10 +139,10 @@ def measurement_intervals(
         if name in values and indicators is not None:
             se = float(mean_bootstrap(indicators, counts).std())
             out[name] = normal_interval(name, values[name], se, z)
-    if {"recall", "kid"} & set(values):
+    if {"recall", "kid"} & set(values) and count // 2 >= 2:
         rows, scale = capped(count, settings.seed)
         halves = rows[half_samples(len(rows), settings.resamples, settings.seed)]  # (B, m) sample indices
-        if "recall" in values:
+        if "recall" in values and halves.shape[1] > k:  # a half needs k + 1 points for its k-NN radii
             se = half_sample_se(recall_halves(samples.pool, reference.pool_features, halves, k, device)) * scale
             out["recall"] = normal_interval("recall", values["recall"], se, z)
         if "kid" in values:

@@ -81,14 +81,14 @@ def frechet_distances_to_reference(
     x = features.double()  # (N, D)
     w = weights.to(x)  # (B, N)
     mu_ref = torch.as_tensor(np.asarray(mu_ref), dtype=torch.float64, device=x.device)  # (D,)
-    sigma_ref = np.asarray(sigma_ref, dtype=np.float64)
-    root = torch.as_tensor(psd_sqrt(sigma_ref), device=x.device)  # (D, D)
-    n = w.sum(1)  # (B,)
     if x.ndim != 2 or w.ndim != 2 or w.shape[1] != len(x) or mu_ref.shape != (x.shape[1],):
         raise ValueError(
             f"features {tuple(x.shape)}, weights {tuple(w.shape)}, mu_ref {tuple(mu_ref.shape)}; expected (N, D), "
             "(B, N) and (D,)"
         )
+    sigma_ref = np.asarray(sigma_ref, dtype=np.float64)
+    root = torch.as_tensor(psd_sqrt(sigma_ref), device=x.device)  # (D, D)
+    n = w.sum(1)  # (B,)
     if bool((n < 2).any()):
         raise ValueError("a weighted set holds fewer than 2 samples; expected >= 2 for a covariance")
     mean = (w @ x) / n[:, None]  # (B, D)
@@ -103,7 +103,7 @@ def frechet_distances_to_reference(
     for start in range(0, len(w), step):
         wc, nc, mc = w[start : start + step], n[start : start + step], mean[start : start + step] @ root
         if gram is None:  # D x D: sum_i w_i y_i y_i^T - n m m^T
-            inner = torch.einsum("bn,ni,nj->bij", wc, y, y) - nc[:, None, None] * mc[:, :, None] * mc[:, None, :]
+            inner = weighted_outer_sums(y, wc, chunk_elements) - nc[:, None, None] * mc[:, :, None] * mc[:, None, :]
         else:  # N x N: sqrt(w) (Y - m)(Y - m)^T sqrt(w), from Y Y^T
             cross = mc @ y.T  # (b, N): y_i . m
             centred = gram - cross[:, :, None] - cross[:, None, :] + mc.square().sum(1)[:, None, None]
@@ -112,3 +112,15 @@ def frechet_distances_to_reference(
         inner = (inner + inner.transpose(1, 2)) / (2 * (nc - 1)[:, None, None])
         roots[start : start + step] = torch.linalg.eigvalsh(inner).clamp_min(0).sqrt().sum(1)
     return mean_gap + trace_s + float(np.trace(sigma_ref)) - 2 * roots
+
+
+def weighted_outer_sums(y: torch.Tensor, weights: torch.Tensor, chunk_elements: int) -> torch.Tensor:
+    """(b, D, D): sum_i w_bi y_i y_i^T of (N, D) rows and (b, N) weights, over blocks of rows so that
+    no temporary holds more than about ``chunk_elements`` numbers (50K Inception features: 800 MB each)."""
+    count, dim = y.shape
+    out = torch.zeros(len(weights), dim, dim, dtype=y.dtype, device=y.device)
+    rows = max(1, chunk_elements // (len(weights) * dim))
+    for start in range(0, count, rows):
+        block = y[start : start + rows]  # (r, D)
+        out += (weights[:, start : start + rows, None] * block).transpose(1, 2) @ block  # (b, D, r) @ (r, D)
+    return out

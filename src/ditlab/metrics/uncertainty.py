@@ -14,7 +14,9 @@ images, so it adds seconds to a measurement, not a sampling run.
   Fréchet distance of the generator's distribution to the reference (N -> infinity), and it may lie
   below the raw FID_N when the bias is large against the noise (small N, many feature dimensions).
   An interval around FID_N itself would miss that value, by the bias, more often than its level says
-  (``tests/unit/test_uncertainty.py`` measures both).
+  (``tests/unit/test_uncertainty.py`` measures both). Where N is not many times the feature dimension
+  the resamples' spread overstates the draw-to-draw spread and the interval is conservative, and the
+  bias correction only approximate (experiments/uncertainty/README.md).
 - precision, sample_accuracy (means of per-sample indicators, unbiased): the same resamples of the
   indicators; interval value +- z se.
 - recall, kid: these compare the samples with each other (k-NN radii within the sample set, the
@@ -29,7 +31,8 @@ images, so it adds seconds to a measurement, not a sampling run.
 - fid_inf: Chong & Forsyth 2020 ("Effectively Unbiased FID and Inception Score and where to find
   them"): FID of nested random subsets of 15 sizes evenly spaced from N / 5 to N, a least-squares line
   against 1 / n, its value at 1 / n = 0. An estimate of the same N -> infinity value, noisier than
-  FID_N but without its 1 / N bias; no interval of its own.
+  FID_N but without its 1 / N bias; no interval of its own. (The paper's sizes run from N / 10; at N
+  near the feature dimension the smallest subsets then leave the 1 / n regime.)
 
 Names: beside ``fid_clf`` come ``fid_clf_se``, ``fid_clf_ci_low``, ``fid_clf_ci_high`` and ``fid_clf_inf``.
 """

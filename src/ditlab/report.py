@@ -112,6 +112,11 @@ def run_seed(run_dir: Path, overrides: list[str]) -> str:
     return "?"
 
 
+def seed_order(seed: str) -> tuple:
+    """Seeds in numeric order (2 before 10), anything else after them."""
+    return (0, int(seed), "") if seed.lstrip("-").isdigit() else (1, 0, seed)
+
+
 def read_curves(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         return []
@@ -132,7 +137,7 @@ def default_metrics(runs: list[Run]) -> list[str]:
 def summarise(runs: list[Run], metrics: list[str]) -> dict[str, dict[str, Spread | None]]:
     """{config: {metric: its Spread over the config's runs (None: no run has it)}}, configs sorted."""
     by_config: dict[str, list[Run]] = {}
-    for run in sorted(runs, key=lambda r: (r.config, r.seed)):
+    for run in sorted(runs, key=lambda r: (r.config, seed_order(r.seed))):
         by_config.setdefault(run.config, []).append(run)
     return {
         config: {
@@ -299,7 +304,7 @@ def report(args: argparse.Namespace) -> dict:
         raise ValueError(f"--metrics {missing or metrics}: in no run; expected some of {sorted(present)}")
     summary = summarise(runs, metrics)
     configs = list(summary)
-    seeds = {c: [r.seed for r in sorted(runs, key=lambda r: r.seed) if r.config == c] for c in configs}
+    seeds = {c: [r.seed for r in sorted(runs, key=lambda r: seed_order(r.seed)) if r.config == c] for c in configs}
     compared = pairs(configs, args.compare)
     out = Path(args.out) if args.out else default_out(args.dirs)
     out.mkdir(parents=True, exist_ok=True)

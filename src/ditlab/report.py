@@ -1,9 +1,9 @@
 """``python -m ditlab.report <sweep dir or run dirs> [options]``: a sweep as a table.
 
 Reads every run under the given dirs (a dir holding ``metrics.json``; a sweep dir holds one per
-job) and groups them by their config without the seed (``ditlab.runtime.sweeps.config_group``: the
-job's overrides less ``seed``, ``run_name``, ``ckpt_path``, ``paths.*``, ``hydra.*``). Writes beside
-them (``--out``):
+job) and groups them by their config without the seed (``ditlab.runtime.sweeps.config_overrides``: the
+job's overrides less ``seed``, ``run_name``, ``ckpt_path``, ``paths.*``, ``hydra.*``), each config named
+by the overrides that not every run shares (the sweep's axes). Writes beside them (``--out``):
 
 - ``report.md`` and ``report.csv``: one row per config: for each metric the mean and standard
   deviation across its seeds, their number, the runs' own (within-run) se and, in the CSV, every
@@ -38,7 +38,7 @@ from ditlab.metrics.across_seeds import Difference, Spread, difference, spread
 from ditlab.metrics.uncertainty import derived_name
 from ditlab.runtime.errors import fail
 from ditlab.runtime.files import atomic_path, write_text
-from ditlab.runtime.sweeps import config_group
+from ditlab.runtime.sweeps import DEFAULTS_GROUP, config_overrides
 
 PROG = "ditlab.report"
 SUMMARY, RESULTS = "metrics.json", "results.json"
@@ -51,10 +51,11 @@ ALWAYS = ("val/loss_fixed", "val/loss_ema", "train/loss")  # shown when present,
 @dataclass
 class Run:
     path: Path
-    config: str  # the config without the seed
+    config: tuple[str, ...]  # the overrides that make its config, without the seed
     seed: str
     metrics: dict[str, float]
     curves: list[dict[str, str]] = field(default_factory=list)  # the rows of its CSV log
+    label: str = ""  # its config's row label (``label_configs``)
 
 
 # --- reading the runs --------------------------------------------------------------------------------
@@ -82,7 +83,7 @@ def read_run(path: Path) -> Run:
         raise ValueError(f"{path / SUMMARY} is not a ditlab metrics.json ({err!r}); expected its 'metrics'") from err
     overrides = list(summary.get("overrides", []))
     metrics.update(evaluated_metrics(path))
-    return Run(path, config_group(overrides), run_seed(path, overrides), metrics, read_curves(path / CURVES))
+    return Run(path, tuple(config_overrides(overrides)), run_seed(path, overrides), metrics, read_curves(path / CURVES))
 
 
 def evaluated_metrics(run_dir: Path) -> dict[str, float]:
@@ -134,11 +135,21 @@ def default_metrics(runs: list[Run]) -> list[str]:
     return with_se + [n for n in ALWAYS if n in names]
 
 
+def label_configs(runs: list[Run]) -> list[str]:
+    """Each run's ``label``: the overrides of its config that not every run shares (the sweep's axes),
+    or the whole config when all runs share one. Returns the overrides all runs share."""
+    configs = {run.config for run in runs}
+    common = set.intersection(*(set(c) for c in configs)) if len(configs) > 1 else set()
+    for run in runs:
+        run.label = " ".join(item for item in run.config if item not in common) or DEFAULTS_GROUP
+    return sorted(common)
+
+
 def summarise(runs: list[Run], metrics: list[str]) -> dict[str, dict[str, Spread | None]]:
-    """{config: {metric: its Spread over the config's runs (None: no run has it)}}, configs sorted."""
+    """{config label: {metric: its Spread over the config's runs (None: no run has it)}}, labels sorted."""
     by_config: dict[str, list[Run]] = {}
-    for run in sorted(runs, key=lambda r: (r.config, seed_order(r.seed))):
-        by_config.setdefault(run.config, []).append(run)
+    for run in sorted(runs, key=lambda r: (r.label, seed_order(r.seed))):
+        by_config.setdefault(run.label, []).append(run)
     return {
         config: {
             m: spread(
@@ -274,7 +285,7 @@ def curve_points(runs: list[Run], metric: str) -> dict[str, dict[int, list[float
             value, step = row.get(metric), row.get("step")
             if value in (None, "") or step in (None, "") or not math.isfinite(float(value)):
                 continue
-            out.setdefault(run.config, {}).setdefault(int(float(step)), []).append(float(value))
+            out.setdefault(run.label, {}).setdefault(int(float(step)), []).append(float(value))
     return out
 
 
@@ -297,6 +308,7 @@ def report(args: argparse.Namespace) -> dict:
     if not 0 < args.level < 1:
         raise ValueError(f"--level {args.level}; expected a confidence level in (0, 1)")
     runs = find_runs(args.dirs)
+    common = label_configs(runs)
     metrics = args.metrics or default_metrics(runs)
     present = {name for run in runs for name in run.metrics}
     missing = [m for m in metrics if m not in present]
@@ -304,11 +316,13 @@ def report(args: argparse.Namespace) -> dict:
         raise ValueError(f"--metrics {missing or metrics}: in no run; expected some of {sorted(present)}")
     summary = summarise(runs, metrics)
     configs = list(summary)
-    seeds = {c: [r.seed for r in sorted(runs, key=lambda r: seed_order(r.seed)) if r.config == c] for c in configs}
+    seeds = {c: [r.seed for r in sorted(runs, key=lambda r: seed_order(r.seed)) if r.label == c] for c in configs}
     compared = pairs(configs, args.compare)
     out = Path(args.out) if args.out else default_out(args.dirs)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(summary, seeds, metrics)
+    if common:
+        table = f"All runs: {' '.join(common)}\n\n{table}"
     write_text(out / OUTPUTS[0], table)
     write_text(out / OUTPUTS[1], csv_text(summary, seeds, metrics))
     plotted = plot_curves(runs, summary, metrics, out / OUTPUTS[2])

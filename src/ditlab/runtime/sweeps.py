@@ -11,6 +11,7 @@ the process group and the launcher's environment variables go, so the next job l
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -38,18 +39,33 @@ def job_overrides() -> list[str]:
 # Overrides that do not change what a run computes, besides its seed: where it writes, how it resumes.
 NOT_CONFIG = ("seed", "run_name", "ckpt_path", "hydra.", "paths.")
 DEFAULTS_GROUP = "defaults"  # the group of a run without overrides
+WANDB_GROUP_CHARS = 128  # W&B's limit on a group's name
+
+
+def config_overrides(overrides: list[str]) -> list[str]:
+    """A run's overrides that make its config, less its seed (``NOT_CONFIG``), sorted."""
+    kept = []
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if not any(key == name or (name.endswith(".") and key.startswith(name)) for name in NOT_CONFIG):
+            kept.append(item)
+    return sorted(kept)
 
 
 def config_group(overrides: list[str]) -> str:
     """The config of a run without its seed, from its overrides: ``"model=dit_s2 optim.optimizer.lr=1e-4"``
     for ``["seed=1", "optim.optimizer.lr=1e-4", "model=dit_s2"]``; runs that differ only in their seed
     share it (their W&B ``group``, their row of ``ditlab report``)."""
-    kept = []
-    for item in overrides:
-        key = item.split("=", 1)[0].lstrip("+~")
-        if not any(key == name or (name.endswith(".") and key.startswith(name)) for name in NOT_CONFIG):
-            kept.append(item)
-    return " ".join(sorted(kept)) or DEFAULTS_GROUP
+    return " ".join(config_overrides(overrides)) or DEFAULTS_GROUP
+
+
+def wandb_group(overrides: list[str]) -> str:
+    """``config_group`` within W&B's 128 characters: a longer one is cut and ends in a hash of the whole."""
+    group = config_group(overrides)
+    if len(group) <= WANDB_GROUP_CHARS:
+        return group
+    digest = hashlib.blake2b(group.encode(), digest_size=4).hexdigest()
+    return f"{group[: WANDB_GROUP_CHARS - len(digest) - 1]}-{digest}"
 
 
 @contextmanager

@@ -25,11 +25,14 @@ def validate(module, datamodule) -> dict[str, float]:
     return {name: value for name, value in metrics.items() if name.startswith("val/loss_fixed")}
 
 
-@pytest.mark.parametrize("diffusion", ["ddpm", "flow"])
+OBJECTIVES = {"ddpm": ["diffusion=ddpm"], "flow": ["diffusion=flow", "sampler=flow_euler50"]}
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
 def test_fixed_loss_is_the_same_for_the_same_weights_in_any_run_and_moves_with_the_weights(
-    prepared, tmp_path, diffusion
+    prepared, tmp_path, objective
 ):
-    datamodule, module = build(compose_run(prepared, tmp_path / "a", extra=[f"diffusion={diffusion}"]))
+    datamodule, module = build(compose_run(prepared, tmp_path / "a", extra=OBJECTIVES[objective]))
     first = validate(module, datamodule)
     grid = module.val_grid
     assert list(first) == ["val/loss_fixed", *fixed_loss_names(grid)] and len(grid) == 5
@@ -43,7 +46,7 @@ def test_fixed_loss_is_the_same_for_the_same_weights_in_any_run_and_moves_with_t
     assert all(moved[name] != first[name] for name in first)
 
     # another run, of another seed (its data module's too), holding the same weights: the same number
-    other_data, other = build(compose_run(prepared, tmp_path / "b", extra=[f"diffusion={diffusion}", "seed=1"]))
+    other_data, other = build(compose_run(prepared, tmp_path / "b", extra=[*OBJECTIVES[objective], "seed=1"]))
     assert not torch.equal(other.ema.net.final_layer.linear.bias, module.ema.net.final_layer.linear.bias)
     other.load_state_dict(module.state_dict())
     assert validate(other, other_data) == moved

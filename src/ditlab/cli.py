@@ -17,6 +17,7 @@ COMMANDS = {
     "evaluate": ("ditlab.evaluate", "FID & co. of samples, or run=<dir>: a run's FID curve"),
     "bench": ("ditlab.bench", "benchmarks (data, sampling, train step)"),
     "export": ("ditlab.export", "a complete diffusers folder from a checkpoint"),
+    "report": ("ditlab.report", "a sweep as a table: mean and spread over seeds, differences with intervals"),
 }
 
 

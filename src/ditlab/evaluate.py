@@ -23,16 +23,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 from PIL import Image
 
 from ditlab.data.prepared import PreparedDir, reference_source
 from ditlab.diffusion import Guidance, Sampler
-from ditlab.metrics.adm import reference_image_size
+from ditlab.metrics.adm_reference import reference_image_size
 from ditlab.metrics.curve import read_curve, score_checkpoints
 from ditlab.metrics.fidelity import metric_suffix
 from ditlab.metrics.protocol import FIDProtocol
 from ditlab.metrics.provenance import evaluate_command, sampling_record_path, sha256_of
+from ditlab.metrics.uncertainty import EXTRAPOLATED, derived_name
 from ditlab.runtime.errors import exit_on_error, hydra_command
 from ditlab.runtime.files import write_json
 
@@ -100,6 +102,7 @@ def measuring_protocol(cfg: DictConfig, sampling: dict | None, count: int, refer
         weights_path=cfg.weights_path,
         metrics=tuple(cfg.metrics),
         kid_subset_size=cfg.kid_subset_size,
+        uncertainty=instantiate(cfg.uncertainty),
         **drawn,
     )
 
@@ -136,12 +139,23 @@ def markdown_row(metrics: dict[str, float], protocol: dict) -> tuple[str, str]:
     }
     suffix = metric_suffix(protocol["extractor"])
     for name, value in metrics.items():
-        base = name.removesuffix(suffix) if suffix else name
-        columns[PAPER_NAMES.get(base, base) + (f" ({protocol['extractor']})" if suffix else "")] = f"{value:.4g}"
+        if derived_name(name):
+            continue
+        se = metrics.get(f"{name}_se")
+        cell = f"{value:.4g}" if se is None else f"{value:.4g} ± {se:.2g}"
+        columns[paper_name(name, suffix) + (f" ({protocol['extractor']})" if suffix else "")] = cell
     versions = protocol["versions"]
     columns["versions"] = ", ".join(f"{k} {versions[k]}" for k in ("ditlab", "torch", "torch-fidelity"))
     cells = [str(v).replace("|", "\\|") for v in columns.values()]
     return "| " + " | ".join(columns) + " |", "| " + " | ".join(cells) + " |"
+
+
+def paper_name(name: str, suffix: str) -> str:
+    """fid -> FID, fid_clf -> FID, fid_clf_inf -> FID∞ (Chong & Forsyth's extrapolation)."""
+    extrapolated = name.endswith(f"_{EXTRAPOLATED}")
+    base = name.removesuffix(f"_{EXTRAPOLATED}")
+    base = base.removesuffix(suffix) if suffix else base
+    return PAPER_NAMES.get(base, base) + ("∞" if extrapolated else "")
 
 
 def checkpoint_text(checkpoint: dict | None) -> str:
@@ -212,7 +226,7 @@ def evaluate(cfg: DictConfig) -> dict:
     check_image_size(images, reference_image_size(path), cfg.samples, path)
     extractor = protocol.make_extractor(prepared, device, progress=cfg.progress)
     side = protocol.load_reference(prepared, extractor)
-    metrics = protocol.measure(extractor(images), side, labels)
+    metrics = protocol.measure(extractor(images), side, labels, device=device)
     described = protocol_record(protocol, prepared, sampling, device)
     if prepared.remote:  # the store's object, not this machine's copy of it: the command reruns anywhere
         described["reference"] = prepared.location(path.name)
@@ -240,10 +254,16 @@ def evaluate(cfg: DictConfig) -> dict:
 
 def print_entry(entry: dict, out: Path) -> None:
     metrics = entry["metrics"]
-    width = max(len(k) for k in [*metrics, *entry["skipped"], "metric"])
-    print(f"{'metric':<{width}}  value")
-    for name, value in metrics.items():
-        print(f"{name:<{width}}  {value:.6g}")
+    shown = [name for name in metrics if not derived_name(name)]
+    width = max(len(k) for k in [*shown, *entry["skipped"], "metric"])
+    level = entry["protocol"].get("uncertainty", {}).get("level")
+    print(f"{'metric':<{width}}  value" + (f"       se  {level:.0%} interval" if level else ""))
+    for name in shown:
+        line = f"{name:<{width}}  {metrics[name]:<10.6g}"
+        if f"{name}_se" in metrics:
+            low, high = metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"]
+            line += f"  {metrics[name + '_se']:<6.2g}  [{low:.4g}, {high:.4g}]"
+        print(line)
     for name, reason in entry["skipped"].items():
         print(f"{name:<{width}}  skipped: {reason}")
     print(f"(written to {out})\n")

@@ -10,6 +10,7 @@ import pytest
 
 from ditlab.evaluate import main as evaluate_main
 from ditlab.metrics.provenance import sha256_of
+from ditlab.metrics.uncertainty import DERIVED
 from ditlab.sample import main as sample_main
 from helpers import STEPS, invoke_main
 
@@ -34,6 +35,7 @@ PROTOCOL_FIELDS = {
     "weights_sha256",
     "metrics",
     "kid_subset_size",
+    "uncertainty",  # resamples, seed, level, fid_inf
     "versions",
     "sampling_versions",
 }
@@ -62,7 +64,10 @@ def test_results_json_holds_the_protocol_and_its_commands_reproduce_the_numbers(
     entry = json.loads((first / "results.json").read_text())["evaluations"][-1]
 
     metrics, protocol = entry["metrics"], entry["protocol"]
-    assert set(metrics) == {"fid_clf", "is_clf", "kid_clf", "precision_clf", "recall_clf", "sample_accuracy_clf"}
+    values = {"fid_clf", "is_clf", "kid_clf", "precision_clf", "recall_clf", "sample_accuracy_clf"}
+    assert set(metrics) == {*values, "fid_clf_inf", *(f"{v}_{tag}" for v in values for tag in DERIVED)}
+    assert all(metrics[f"{v}_ci_low"] <= metrics[f"{v}_ci_high"] and metrics[f"{v}_se"] >= 0 for v in values)
+    assert metrics["fid_clf_se"] > 0  # (a proportion of 10 samples may be 0 or 1 in every resample)
     assert set(entry["skipped"]) == {"sfid_clf"} and "Inception" in entry["skipped"]["sfid_clf"]
     assert PROTOCOL_FIELDS <= set(protocol), PROTOCOL_FIELDS - set(protocol)
     assert protocol["checkpoint"]["path"] == str(ckpt.resolve())
@@ -79,7 +84,8 @@ def test_results_json_holds_the_protocol_and_its_commands_reproduce_the_numbers(
     assert entry["samples"]["sha256"] == sha256_of(npz)
     row = entry["markdown"]["row"]
     assert f"last.ckpt (step {STEPS})" in row and "ddim x 3 steps" in row and "guidance 2.5 for t in [0, 700]" in row
-    assert f"{metrics['fid_clf']:.4g}" in row and protocol["reference_sha256"][:12] in row
+    assert f"{metrics['fid_clf']:.4g} ± {metrics['fid_clf_se']:.2g}" in row and protocol["reference_sha256"][:12] in row
+    assert protocol["uncertainty"] == {"resamples": 100, "seed": 0, "level": 0.95, "fid_inf": True}
     assert row in stdout and entry["reproduce"]["sample"] in stdout and entry["reproduce"]["evaluate"] in stdout
 
     # the printed protocol, run again into another folder, gives the same numbers exactly

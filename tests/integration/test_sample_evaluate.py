@@ -44,6 +44,12 @@ def test_fid_callback_logs_its_metric_in_a_training_run(trained_run):
     assert 0 <= metrics["val/sample_accuracy_clf"] <= 1
     summary = json.loads((out / "metrics.json").read_text())
     assert "val/fid_clf" in summary["metrics"]
+    # beside each number its se and interval, in the loggers' metrics and in metrics.json
+    for name in ("val/fid_clf", "val/kid_clf", "val/sample_accuracy_clf"):
+        assert metrics[f"{name}_ci_low"] <= metrics[f"{name}_ci_high"] and metrics[f"{name}_se"] >= 0, name
+        assert summary["metrics"][f"{name}_se"] == pytest.approx(metrics[f"{name}_se"]), name
+    assert metrics["val/fid_clf_se"] > 0 and metrics["val/fid_clf_ci_low"] < metrics["val/fid_clf_ci_high"]
+    assert "val/fid_clf_inf" in summary["metrics"] and summary["fid_protocol"]["uncertainty"]["resamples"] == 100
     assert summary["weights_used"] == {"SampleGrid": "ema", "FIDCallback": "ema"}
 
 

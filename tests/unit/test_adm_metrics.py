@@ -6,24 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from ditlab.metrics.adm import (
+from ditlab.metrics.adm_reference import ADMReference, load_adm_reference
+from ditlab.metrics.definitions import Gaussian, inception_score, precision_recall
+from ditlab.metrics.inception import (
     LOGITS_DIM,
-    METRIC_NAMES,
     POOL_DIM,
     SPATIAL_DIM,
     ADMInceptionExtractor,
-    ADMReference,
-    Gaussian,
     InceptionFeatures,
-    ReferenceSide,
-    adm_reference_side,
-    ditlab_reference_side,
-    evaluate_adm_suite,
     flatten_spatial_nhwc,
-    inception_score,
-    load_adm_reference,
-    precision_recall,
-    suite_from_features,
 )
 from ditlab.metrics.inception_weights import (
     inception_skeleton,
@@ -31,6 +22,8 @@ from ditlab.metrics.inception_weights import (
     write_random_inception_weights,
 )
 from ditlab.metrics.reference import ReferenceStats
+from ditlab.metrics.reference_side import ReferenceSide, adm_reference_side, ditlab_reference_side
+from ditlab.metrics.suite import METRIC_NAMES, suite_from_features
 
 pytestmark = pytest.mark.unit
 
@@ -288,7 +281,8 @@ def test_adm_npz_built_here_gives_every_metric(tmp_path, extractor):
     reference = load_adm_reference(tmp_path / "VIRTUAL_tiny.npz")
     samples = random_images(6, 16, seed=2)
 
-    result = evaluate_adm_suite(samples, reference, extractor)
+    # what ditlab.evaluate does: the file's side of the comparison, the samples' features, the suite
+    result = suite_from_features(extractor(samples), adm_reference_side(reference, extractor))
     assert result.skipped == {} and list(result.metrics) == list(METRIC_NAMES)
     assert all(np.isfinite(v) for v in result.metrics.values())
 

@@ -3,8 +3,9 @@ commuting covariances, and scipy's sqrtm where that one is well defined."""
 
 import numpy as np
 import pytest
+import torch
 
-from ditlab.metrics.frechet import frechet_distance, trace_sqrt_product
+from ditlab.metrics.frechet import frechet_distance, frechet_distances_to_reference, trace_sqrt_product
 
 pytestmark = pytest.mark.unit
 
@@ -125,3 +126,41 @@ def test_symmetric_in_its_arguments_and_zero_for_identical_inputs():
 def test_bad_inputs_raise_one_line_value_errors(mu1, sigma1, mu2, sigma2, message):
     with pytest.raises(ValueError, match=message):
         frechet_distance(mu1, sigma1, mu2, sigma2)
+
+
+# --- many weighted sets against one reference (the bootstrap's and FID_inf's route) -----------------
+
+
+@pytest.mark.parametrize("count, dim", [(60, 6), (12, 30)], ids=["D x D route", "N x N Gram route"])
+def test_weighted_sets_equal_the_robust_distance_of_their_rows(count, dim):
+    """A resample (counts) or a subset (0/1) of the rows, against a fixed reference: the same number as
+    ``frechet_distance`` of the statistics of the rows it holds, repeated as counted."""
+    rng = np.random.default_rng(5)
+    x = 0.3 + rng.standard_normal((count, dim)) @ (np.eye(dim) + 0.4 * rng.standard_normal((dim, dim)) / np.sqrt(dim))
+    reference = rng.standard_normal((dim + 20, dim))
+    mu_r, s_r = reference.mean(0), np.cov(reference, rowvar=False)
+    rows = [np.arange(count), rng.integers(0, count, count), rng.integers(0, count, count), np.arange(count // 2)]
+    weights = np.stack([np.bincount(r, minlength=count) for r in rows]).astype(float)
+    got = frechet_distances_to_reference(torch.from_numpy(x), torch.from_numpy(weights), mu_r, s_r).numpy()
+    expected = [frechet_distance(x[r].mean(0), np.cov(x[r], rowvar=False), mu_r, s_r) for r in rows]
+    # N < D: rank-deficient set covariances, whose zero eigenvalues' square roots amplify rounding
+    scale = np.trace(np.cov(x, rowvar=False)) + np.trace(s_r)
+    tolerance = {"rel": 1e-9} if count > dim else {"abs": 1e-7 * scale}
+    assert got == pytest.approx(expected, **tolerance)
+    assert len(set(np.round(expected, 6))) == len(rows)  # four different sets: four different numbers
+    # in chunks of sets and blocks of rows (how 50K Inception features stay within memory): the same
+    chunked = frechet_distances_to_reference(torch.from_numpy(x), torch.from_numpy(weights), mu_r, s_r, 50).numpy()
+    assert chunked == pytest.approx(got, **tolerance)
+
+
+def test_weighted_sets_against_a_rank_deficient_reference():
+    rng = np.random.default_rng(6)
+    dim = 20
+    reference = rng.standard_normal((8, dim))  # rank 7
+    mu_r, s_r = reference.mean(0), np.cov(reference, rowvar=False)
+    x = rng.standard_normal((50, dim))
+    got = frechet_distances_to_reference(torch.from_numpy(x), torch.ones(1, 50, dtype=torch.float64), mu_r, s_r)
+    expected = frechet_distance(x.mean(0), np.cov(x, rowvar=False), mu_r, s_r)
+    assert float(got[0]) == pytest.approx(expected, abs=1e-7 * (np.trace(s_r) + np.trace(np.cov(x, rowvar=False))))
+    with pytest.raises(ValueError, match="fewer than 2 samples"):
+        frechet_distances_to_reference(torch.from_numpy(x), torch.eye(1, 50, dtype=torch.float64), mu_r, s_r)

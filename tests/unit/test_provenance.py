@@ -11,7 +11,7 @@ import torch
 from hydra.utils import instantiate
 
 from ditlab.diffusion import Guidance, Sampler
-from ditlab.metrics.adm import is_adm_reference, reference_image_size
+from ditlab.metrics.adm_reference import is_adm_reference, reference_image_size
 from ditlab.metrics.fidelity import compute_metrics, unavailable_metrics
 from ditlab.metrics.protocol import FIDProtocol
 from ditlab.metrics.provenance import (
@@ -23,6 +23,7 @@ from ditlab.metrics.provenance import (
     sha256_of,
 )
 from ditlab.metrics.reference import ReferenceStats
+from ditlab.metrics.uncertainty import Uncertainty
 from ditlab.sample import _save_npz, merge_parts, part_path
 from helpers import compose_cfg
 
@@ -91,12 +92,14 @@ def test_evaluate_command_composes_back(tmp_path):
         "weights_path": "/w/inception.pth",
         "metrics": ["fid", "sfid"],
         "kid_subset_size": 100,
+        "uncertainty": {"resamples": 40, "seed": 3, "level": 0.9, "fid_inf": False},
     }
     words = shlex.split(evaluate_command(tmp_path / "s.npz", protocol, "cuda"))
     cfg = compose_cfg("evaluate", words[3:])
     assert (cfg.samples, cfg.reference) == (str(tmp_path / "s.npz"), protocol["reference"])
     assert cfg.weights_path == "/w/inception.pth"
     assert list(cfg.metrics) == ["fid", "sfid"] and cfg.kid_subset_size == 100 and cfg.device == "cuda"
+    assert instantiate(cfg.uncertainty) == Uncertainty(resamples=40, seed=3, level=0.9, fid_inf=False)
 
 
 def test_inception_reference_keeps_spatial_statistics_and_its_size(tmp_path):

@@ -68,7 +68,7 @@ def test_streams_never_share_a_seed():
     """Every (stream, rank, step, micro-batch) of a small grid gets its own seed: no two streams
     coincide, neither at the same point (the old scheme seeded data and noise alike at micro-batch
     0) nor shifted by one step or rank."""
-    names = (*TRAIN_STREAMS, "val_timesteps", "val_diffusion_noise", "data_val", "sample_init", "sampler")
+    names = (*TRAIN_STREAMS, "val_timesteps", "val_diffusion_noise", "val_fixed_noise", "sample_init", "sampler")
     points = list(itertools.product(range(3), range(50), range(2)))  # rank, step, micro-batch
     seeds = [stream_seed(0, name, *p) for name in names for p in points]
     assert len(set(seeds)) == len(seeds)

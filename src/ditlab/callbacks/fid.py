@@ -4,7 +4,9 @@ not depend on the number of GPUs), featurised, gathered and scored against the r
 ``prepare`` stored. Logs ``val/fid`` (Inception) or ``val/fid_clf`` (the dataset classifier) and, for
 the classifier, ``val/sample_accuracy_clf`` and the classifier's own accuracy on real validation
 images, ``val/classifier_accuracy_clf``; with ``fid_protocol.also_unguided`` the same without guidance
-(``val/fid_clf_unguided``, ...).
+(``val/fid_clf_unguided``, ...). Beside each number its se and confidence interval from the samples
+(``val/fid_clf_se``, ``val/fid_clf_ci_low``, ``val/fid_clf_ci_high``) and the extrapolated FID
+(``val/fid_clf_inf``): ``fid_protocol.uncertainty``, ``ditlab.metrics.uncertainty``.
 
 The protocol behind the numbers (``FIDProtocol.describe`` with the reference's and the extractor
 weights' sha256, the library versions and which weights were sampled) is logged once per run: to the
@@ -99,8 +101,8 @@ class FIDCallback(SamplingCallback):
             self.prepare_measuring(trainer, pl_module)
         results = {}
         for suffix, variant in self.protocol.variants():
-            measured = self.measure(variant, trainer, pl_module)
-            results.update({f"val/{name}{suffix}": value for name, value in measured.items()})
+            measured = self.measure(variant, trainer, pl_module, suffix)
+            results.update({f"val/{name}": value for name, value in measured.items()})
         if self.classifier_accuracy is not None:
             results["val/classifier_accuracy_clf"] = float(self.classifier_accuracy)
         results["val/fid_seconds"] = time.time() - start
@@ -112,9 +114,9 @@ class FIDCallback(SamplingCallback):
         self.last = results
         return results
 
-    def measure(self, protocol, trainer, pl_module) -> dict[str, float]:
+    def measure(self, protocol, trainer, pl_module, suffix: str = "") -> dict[str, float]:
         """``protocol``'s samples drawn on every rank (each its share), featurised, gathered in sample
-        order and measured."""
+        order and measured (names ending in ``suffix``, before the se / interval tags)."""
         dm, device = trainer.datamodule, pl_module.device
         rank, world = trainer.global_rank, trainer.world_size
         padded = -(-protocol.num_samples // world) * world  # equal shares, so that all_gather lines up
@@ -134,7 +136,7 @@ class FIDCallback(SamplingCallback):
                 k: v.transpose(0, 1).reshape(-1, *v.shape[2:])[: protocol.num_samples].cpu()
                 for k, v in gathered.items()
             }
-        return protocol.measure(local, self._reference, local["labels"])
+        return protocol.measure(local, self._reference, local["labels"], suffix, device)
 
 
 def keep_reference_in_run_dir(protocol: FIDProtocol, prepared: PreparedDir, run_dir: Path) -> Path:

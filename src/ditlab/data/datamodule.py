@@ -243,12 +243,16 @@ class LatentDataModule(LightningDataModule):
         return self._loader(self.val_set) if self.val_set is not None else []
 
     # ------------------------------------------------------------ per-batch sampling, on the device
-    def to_model_batch(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+    def to_model_batch(
+        self, batch: dict, generator: torch.Generator | None = None, held_out: bool = False
+    ) -> tuple[torch.Tensor, ...]:
         """(latents (N, C, H, W), labels (N,)), and the images (N, C, H, W) of the same views when
-        ``with_images``."""
-        which = draw_views(batch["latent"], generator, self.flip)
+        ``with_images``. ``held_out``: nothing drawn, each latent's posterior mean of the image itself
+        (unflipped), the same at every validation and in every run."""
+        which = draw_views(batch["latent"], generator, self.flip and not held_out)
+        posterior = self.sample_posterior and not held_out
         latents = latents_from_block(
-            batch["latent"], self.scale_factor, generator, sample_posterior=self.sample_posterior, which=which
+            batch["latent"], self.scale_factor, generator, which=which, sample_posterior=posterior
         )
         if not self.with_images:
             return latents, batch["label"].long()
@@ -259,16 +263,11 @@ class LatentDataModule(LightningDataModule):
         if trainer is None:
             return self.to_model_batch(batch)
         device = batch["latent"].device
-        if trainer.training:
-            # Lightning counts the batch as started right after this hook: `ready` is this batch's
-            # 0-based number in the run (restored on resume), so the stream is (rank, step, micro-batch).
-            number = trainer.fit_loop.epoch_loop.batch_progress.total.ready
-            micro = number % trainer.accumulate_grad_batches
-            generator = stream_generator(device, self.seed, "data", trainer.global_rank, trainer.global_step, micro)
-        else:
-            loop = trainer.fit_loop.epoch_loop.val_loop if trainer.state.fn == "fit" else trainer.validate_loop
-            number = loop.batch_progress.total.ready
-            generator = stream_generator(
-                device, self.seed, "data_val", trainer.global_rank, trainer.global_step, number
-            )
+        if not trainer.training:  # validation: a fixed set (the fixed-timestep loss of training/validation.py)
+            return self.to_model_batch(batch, held_out=True)
+        # Lightning counts the batch as started right after this hook: `ready` is this batch's
+        # 0-based number in the run (restored on resume), so the stream is (rank, step, micro-batch).
+        number = trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        micro = number % trainer.accumulate_grad_batches
+        generator = stream_generator(device, self.seed, "data", trainer.global_rank, trainer.global_step, micro)
         return self.to_model_batch(batch, generator)

@@ -54,6 +54,10 @@ class FlowMatching:
         z = torch.randn(batch_size, device=device, generator=generator)
         return torch.sigmoid(self.t_mean + self.t_std * z)
 
+    def t_at(self, fraction: float, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(N,) the time ``fraction`` of the way from data (0) to noise (1)."""
+        return torch.full((batch_size,), float(fraction), device=device)
+
     def interpolate(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         t = t.view(-1, *([1] * (x_start.dim() - 1)))
         return (1 - t) * x_start + t * noise

@@ -112,6 +112,10 @@ class GaussianDiffusion:
         """Uniform training timesteps (indices of this process)."""
         return torch.randint(0, self.num_timesteps, (batch_size,), device=device, generator=generator)
 
+    def t_at(self, fraction: float, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(N,) the timestep ``fraction`` of the way from data (0) to noise (1): index round(f (T - 1))."""
+        return torch.full((batch_size,), round(fraction * (self.num_timesteps - 1)), dtype=torch.long, device=device)
+
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         noise = torch.randn_like(x_start) if noise is None else noise
         return (

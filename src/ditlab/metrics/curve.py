@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ditlab.data.prepared import PreparedDir
 from ditlab.inference import load_model
 from ditlab.metrics.protocol import FIDProtocol
+from ditlab.metrics.uncertainty import derived_name
 from ditlab.runtime.checkpoints import read_checkpoint
 from ditlab.runtime.files import atomic_path
 
@@ -73,7 +74,8 @@ def plot_curve(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = sorted({k for row in rows for k in row} - set(KEY_COLUMNS) - {"num_samples"})
+    columns = {k for row in rows for k in row} - set(KEY_COLUMNS) - {"num_samples"}
+    metrics = sorted(k for k in columns if not derived_name(k))  # intervals are drawn with their metric
     use_images = all(row.get("images_seen") not in (None, "") for row in rows)
     fig, axes = plt.subplots(1, max(len(metrics), 1), figsize=(4 * max(len(metrics), 1), 3.2), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
@@ -81,7 +83,13 @@ def plot_curve(rows: list[dict], path: Path) -> None:
             pts = [r for r in rows if r["weights"] == weights and r.get(metric) not in (None, "")]
             pts.sort(key=lambda r: int(r["step"]))
             xs = [float(r["images_seen"] if use_images else r["step"]) for r in pts]
-            ax.plot(xs, [float(r[metric]) for r in pts], marker="o", label=weights)
+            line = ax.plot(xs, [float(r[metric]) for r in pts], marker="o", label=weights)[0]
+            band = [r for r in pts if r.get(f"{metric}_ci_low") not in (None, "")]
+            if band:  # the interval of each point (fid_protocol.uncertainty)
+                bx = [float(r["images_seen"] if use_images else r["step"]) for r in band]
+                lows = [float(r[f"{metric}_ci_low"]) for r in band]
+                highs = [float(r[f"{metric}_ci_high"]) for r in band]
+                ax.fill_between(bx, lows, highs, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_title(metric)
         ax.set_xlabel("images seen" if use_images else "step")
         ax.grid(alpha=0.3)
@@ -135,8 +143,7 @@ def score_checkpoint(path: Path, ema: bool, num_samples: int | None, extractor: 
         images = variant.generate(
             model.net, model.objective, model.codec, model.num_classes, labels, indices, model.latent_shape, device
         )
-        measured = variant.measure(features_of(images), reference, labels)
-        results.update({f"{name}{suffix}": value for name, value in measured.items()})
+        results.update(variant.measure(features_of(images), reference, labels, suffix, device))
     results["num_samples"] = protocol.num_samples
     return results
 

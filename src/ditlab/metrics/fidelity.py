@@ -4,7 +4,7 @@ Images are uint8 (N, C, H, W). Features come from ``Extractor``: ``inception`` (
 ``inception-v3-compat``, the TF-ported network of ADM's evaluator, through ``ADMInceptionExtractor``:
 pool_3, the unbiased logits and ADM's spatial features; weights downloaded by torch-fidelity, or
 read from ``weights_path`` offline) or ``clf`` (the dataset's own classifier, see
-classifier_features.py). One definition of each metric, ADM's (``ditlab.metrics.adm``), whatever
+classifier_features.py). One definition of each metric, ADM's (``ditlab.metrics.suite``), whatever
 the feature space: FID and sFID through the robust Fréchet distance (``ditlab.metrics.frechet``),
 IS over splits of 5000 samples, precision/recall with k = 3. KID, which ADM does not report, is
 torch-fidelity's. Metric names carry the feature space unless it is Inception's: ``fid`` vs ``fid_clf``.
@@ -21,14 +21,11 @@ from torch_fidelity.utils import create_feature_extractor
 from tqdm.auto import tqdm
 
 import ditlab.metrics.classifier_features  # noqa: F401 - registers the ditlab-clf extractor
-from ditlab.metrics.adm import (
-    ADMInceptionExtractor,
-    InceptionFeatures,
-    ReferenceSide,
-    ditlab_reference_side,
-    suite_from_features,
-)
+from ditlab.metrics.inception import ADMInceptionExtractor, InceptionFeatures
 from ditlab.metrics.reference import ReferenceStats
+from ditlab.metrics.reference_side import ReferenceSide, ditlab_reference_side
+from ditlab.metrics.suite import suite_from_features
+from ditlab.metrics.uncertainty import EXTRAPOLATED, Uncertainty, fid_inf, measurement_intervals
 
 EXTRACTORS = {"inception": "inception-v3-compat", "clf": "ditlab-clf"}
 METRICS = ("fid", "sfid", "isc", "kid", "prc")
@@ -123,9 +120,15 @@ def compute_metrics(
     metrics=METRICS,
     kid_subset_size: int = 1000,
     labels: torch.Tensor | None = None,
+    uncertainty: Uncertainty | None = None,
+    variant: str = "",
+    device: str = "cpu",
 ) -> dict[str, float]:
     """The ``metrics`` the reference can give (``unavailable_metrics`` names the others) of extracted
-    features (``Extractor``'s output); with ``labels``, also the sample accuracy of the logits."""
+    features (``Extractor``'s output); with ``labels``, also the sample accuracy of the logits. Names
+    carry the extractor's suffix, then ``variant`` (``fid_clf_unguided``); with ``uncertainty`` each
+    value is followed by its se and interval (``fid_clf_se``, ``fid_clf_ci_low``, ``fid_clf_ci_high``)
+    and each FID by its extrapolation (``fid_clf_inf``): ``ditlab.metrics.uncertainty``."""
     check_metrics(metrics)
     reference = as_reference_side(reference)
     spatial = generated.get("spatial")
@@ -137,11 +140,28 @@ def compute_metrics(
     out = dict(suite.metrics)
     if "kid" in metrics and reference.pool_features is not None:
         out["kid"] = kernel_inception_distance(generated["features"], reference.pool_features, kid_subset_size)
+    correct = None
     if labels is not None:
         # Does a sample conditioned on class k look like class k (to the dataset's classifier)?
-        out["sample_accuracy"] = (generated["logits"].argmax(1) == labels.cpu()).double().mean().item()
-    suffix = metric_suffix(reference.extractor)
-    return {f"{name}{suffix}": value for name, value in out.items()}
+        correct = (generated["logits"].argmax(1) == labels.cpu()).numpy()
+        out["sample_accuracy"] = float(correct.mean())
+    intervals, extrapolated = {}, {}
+    if uncertainty is not None and uncertainty.resamples:
+        intervals = measurement_intervals(
+            samples, reference, out, uncertainty, suite.in_reference_manifold, correct, device=device
+        )
+    if uncertainty is not None and uncertainty.fid_inf:
+        fid_type = {"fid": (samples.pool, reference.pool), "sfid": (samples.spatial, reference.spatial)}
+        extrapolated = {name: fid_inf(*fid_type[name], uncertainty.seed, device) for name in fid_type if name in out}
+    suffix = metric_suffix(reference.extractor) + variant
+    results = {}
+    for name, value in out.items():
+        results[f"{name}{suffix}"] = value
+        if name in intervals:
+            results.update(intervals[name].named(f"{name}{suffix}"))
+        if name in extrapolated:
+            results[f"{name}{suffix}_{EXTRAPOLATED}"] = extrapolated[name]
+    return results
 
 
 def kernel_inception_distance(features: torch.Tensor, reference: np.ndarray, subset_size: int) -> float:

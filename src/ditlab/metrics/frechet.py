@@ -13,6 +13,7 @@ always finite, in float64.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 # sigma counts as symmetric when |S - S^T| <= SYMMETRY_RTOL * max|S| (np.cov is symmetric to rounding)
 SYMMETRY_RTOL = 1e-6
@@ -58,3 +59,68 @@ def validated_gaussian(mu, sigma, which: str = "") -> tuple[np.ndarray, np.ndarr
     if asymmetry > SYMMETRY_RTOL * float(np.abs(sigma).max(initial=0.0)):
         raise ValueError(f"sigma{which} is not symmetric (max |S - S^T| = {asymmetry:.3g}); expected a covariance")
     return mu, sigma
+
+
+# --- many weighted sample sets against one fixed reference (bootstrap resamples, nested subsets) ----
+
+
+def frechet_distances_to_reference(
+    features: torch.Tensor, weights: torch.Tensor, mu_ref, sigma_ref, chunk_elements: int = 1 << 25
+) -> torch.Tensor:
+    """Squared Fréchet distances of B weighted sets of the rows of ``features`` against one fixed
+    N(mu_ref, sigma_ref): row b of ``weights`` (B, N) counts how often each feature vector is in set b
+    (a bootstrap resample: multinomial counts; a subset: 0/1), n_b = its sum. Each set's statistics are
+    its mean and covariance with ddof 1, as ``Gaussian.of`` of the repeated rows would give. (B,) float64,
+    on ``features``' device.
+
+    The reference's square root R = sigma_ref^{1/2} is taken once; then tr(sqrt(S_b sigma_ref)) is the
+    sum of sqrt(eig(R S_b R)), the same symmetric PSD route as ``trace_sqrt_product``. R S_b R is the
+    weighted covariance of Y = X R; its non-zero eigenvalues are computed from whichever is smaller:
+    the D x D matrix, or the N x N weighted Gram matrix of the centred Y (the same non-zero eigenvalues,
+    C^T C against C C^T), whose uncentred part Y Y^T is computed once for all sets."""
+    x = features.double()  # (N, D)
+    w = weights.to(x)  # (B, N)
+    mu_ref = torch.as_tensor(np.asarray(mu_ref), dtype=torch.float64, device=x.device)  # (D,)
+    if x.ndim != 2 or w.ndim != 2 or w.shape[1] != len(x) or mu_ref.shape != (x.shape[1],):
+        raise ValueError(
+            f"features {tuple(x.shape)}, weights {tuple(w.shape)}, mu_ref {tuple(mu_ref.shape)}; expected (N, D), "
+            "(B, N) and (D,)"
+        )
+    sigma_ref = np.asarray(sigma_ref, dtype=np.float64)
+    root = torch.as_tensor(psd_sqrt(sigma_ref), device=x.device)  # (D, D)
+    n = w.sum(1)  # (B,)
+    if bool((n < 2).any()):
+        raise ValueError("a weighted set holds fewer than 2 samples; expected >= 2 for a covariance")
+    mean = (w @ x) / n[:, None]  # (B, D)
+    mean_gap = (mean - mu_ref).square().sum(1)  # (B,)
+    trace_s = (w @ x.square().sum(1) - n * mean.square().sum(1)) / (n - 1)  # (B,) tr S_b
+    y = x @ root  # (N, D): in these coordinates the covariance of set b is R S_b R
+    count, dim = y.shape
+    roots = torch.empty(len(w), dtype=torch.float64, device=x.device)  # (B,) tr sqrt(R S_b R)
+    size = min(count, dim)
+    step = max(1, chunk_elements // (size * size))
+    gram = y @ y.T if count < dim else None  # (N, N), once
+    for start in range(0, len(w), step):
+        wc, nc, mc = w[start : start + step], n[start : start + step], mean[start : start + step] @ root
+        if gram is None:  # D x D: sum_i w_i y_i y_i^T - n m m^T
+            inner = weighted_outer_sums(y, wc, chunk_elements) - nc[:, None, None] * mc[:, :, None] * mc[:, None, :]
+        else:  # N x N: sqrt(w) (Y - m)(Y - m)^T sqrt(w), from Y Y^T
+            cross = mc @ y.T  # (b, N): y_i . m
+            centred = gram - cross[:, :, None] - cross[:, None, :] + mc.square().sum(1)[:, None, None]
+            scale = wc.sqrt()
+            inner = scale[:, :, None] * centred * scale[:, None, :]
+        inner = (inner + inner.transpose(1, 2)) / (2 * (nc - 1)[:, None, None])
+        roots[start : start + step] = torch.linalg.eigvalsh(inner).clamp_min(0).sqrt().sum(1)
+    return mean_gap + trace_s + float(np.trace(sigma_ref)) - 2 * roots
+
+
+def weighted_outer_sums(y: torch.Tensor, weights: torch.Tensor, chunk_elements: int) -> torch.Tensor:
+    """(b, D, D): sum_i w_bi y_i y_i^T of (N, D) rows and (b, N) weights, over blocks of rows so that
+    no temporary holds more than about ``chunk_elements`` numbers (50K Inception features: 800 MB each)."""
+    count, dim = y.shape
+    out = torch.zeros(len(weights), dim, dim, dtype=y.dtype, device=y.device)
+    rows = max(1, chunk_elements // (len(weights) * dim))
+    for start in range(0, count, rows):
+        block = y[start : start + rows]  # (r, D)
+        out += (weights[:, start : start + rows, None] * block).transpose(1, 2) @ block  # (b, D, r) @ (r, D)
+    return out

@@ -11,7 +11,7 @@ the reference's and the extractor weights' sha256 and the library versions).
 
 The reference is a ditlab statistics file (``reference_<extractor>.npz`` of a prepared dir) or an ADM
 reference batch (``VIRTUAL_imagenet256_labeled.npz``: statistics and reference images); either is read
-into what the metrics compare with (``ditlab.metrics.adm.ReferenceSide``), each part it cannot give
+into what the metrics compare with (``ditlab.metrics.reference_side.ReferenceSide``), each part it cannot give
 with its reason (``unavailable``).
 """
 
@@ -28,13 +28,7 @@ from ditlab.data.prepared import PreparedDir
 from ditlab.data.transforms import model_range_to_uint8
 from ditlab.diffusion import Guidance, Sampler
 from ditlab.inference import generate, sample_labels
-from ditlab.metrics.adm import (
-    ReferenceSide,
-    adm_reference_side,
-    ditlab_reference_side,
-    is_adm_reference,
-    load_adm_reference,
-)
+from ditlab.metrics.adm_reference import is_adm_reference, load_adm_reference
 from ditlab.metrics.fidelity import (
     EXTRACTORS,
     Extractor,
@@ -45,6 +39,8 @@ from ditlab.metrics.fidelity import (
 )
 from ditlab.metrics.provenance import guidance_values, library_versions, sampler_values, sha256_of
 from ditlab.metrics.reference import ReferenceStats
+from ditlab.metrics.reference_side import ReferenceSide, adm_reference_side, ditlab_reference_side
+from ditlab.metrics.uncertainty import Uncertainty
 
 UNGUIDED_SUFFIX = "_unguided"  # val/fid_clf_unguided beside val/fid_clf
 
@@ -72,6 +68,8 @@ class FIDProtocol:
     kid_subset_size: KID's subset size (at most the sample count).
     also_unguided: also measure the samples without guidance (metrics named ``*_unguided``); no
         effect when the guidance scale is 1.
+    uncertainty: the se and confidence interval beside each number, and the extrapolated FID
+        (``ditlab.metrics.uncertainty.Uncertainty``: resamples, seed, level, fid_inf).
     """
 
     extractor: str | None = "clf"
@@ -85,6 +83,7 @@ class FIDProtocol:
     batch_size: int = 250
     kid_subset_size: int = 1000
     also_unguided: bool = False
+    uncertainty: Uncertainty = field(default_factory=Uncertainty)
 
     def __post_init__(self):
         if self.num_samples < 2:  # a covariance needs two samples
@@ -168,11 +167,16 @@ class FIDProtocol:
         )
         return model_range_to_uint8(images).permute(0, 3, 1, 2)
 
-    def measure(self, features: dict, reference: ReferenceSide, labels: torch.Tensor | None = None) -> dict:
-        """Metrics of extracted ``features`` (``Extractor``'s output) against ``reference``; with the
-        classifier's features and ``labels``, also the sample accuracy."""
+    def measure(
+        self, features: dict, reference: ReferenceSide, labels: torch.Tensor | None = None, variant="", device="cpu"
+    ) -> dict:
+        """Metrics of extracted ``features`` (``Extractor``'s output) against ``reference``, each with its
+        se and interval; with the classifier's features and ``labels``, also the sample accuracy. Names
+        end in ``variant`` (``variants``' suffix) before the se / interval tags: ``fid_clf_unguided_se``."""
         labels = labels if self.extractor == "clf" else None
-        return compute_metrics(features, reference, self.metrics, self.kid_subset_size, labels=labels)
+        return compute_metrics(
+            features, reference, self.metrics, self.kid_subset_size, labels, self.uncertainty, variant, str(device)
+        )
 
     def unavailable(self, reference: ReferenceSide) -> dict[str, str]:
         """The metric names this protocol asks for that ``reference`` cannot give, with the reasons."""
@@ -205,6 +209,7 @@ class FIDProtocol:
             "metrics": list(self.metrics),
             "kid_subset_size": self.kid_subset_size,
             "also_unguided": self.also_unguided,
+            "uncertainty": self.uncertainty.describe(),
         }
         if prepared is not None and self.extractor is not None:
             reference, weights = self.reference_path(prepared), self.weights_in_use(prepared)

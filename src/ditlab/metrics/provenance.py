@@ -127,6 +127,7 @@ def evaluate_command(samples: str | Path, protocol: dict, device: str) -> str:
         override("weights_path", protocol["weights_path"]),
         override("metrics", protocol["metrics"]),
         override("kid_subset_size", protocol["kid_subset_size"]),
+        *(override(f"uncertainty.{key}", value) for key, value in protocol.get("uncertainty", {}).items()),
         override("device", device),
     ]
     return shlex.join(["python", "-m", "ditlab.evaluate", *args])

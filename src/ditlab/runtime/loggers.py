@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from ditlab.runtime.files import atomic_path, write_text
+from ditlab.runtime.sweeps import job_overrides, wandb_group
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
@@ -102,7 +103,16 @@ def csv_logger(save_dir: str, name: str = "csv", version: str | int | None = "ru
     return AppendingCSVLogger(save_dir=save_dir, name=name, version=version, **kwargs)
 
 
-def wandb_logger(project: str = "ditlab", name: str | None = None, save_dir: str = ".", mode: str = "auto", **kwargs):
+def wandb_logger(
+    project: str = "ditlab",
+    name: str | None = None,
+    save_dir: str = ".",
+    mode: str = "auto",
+    group: str | None = None,
+    **kwargs,
+):
+    """W&B's logger; ``group`` None: the run's config without its seed (``sweeps.wandb_group``), so that
+    the runs of one config over several seeds share a group (W&B then shows their mean and spread)."""
     if mode not in WANDB_MODES:
         raise ValueError(f"logger.wandb.mode={mode!r}; expected one of {WANDB_MODES}")
     if os.environ.get("WANDB_MODE"):  # the user's environment wins
@@ -117,5 +127,6 @@ def wandb_logger(project: str = "ditlab", name: str | None = None, save_dir: str
         mode=mode if mode == "disabled" else None,
         id=kwargs.pop("id", None) or persistent_run_id(save_dir),
         resume="allow",
+        group=group or wandb_group(job_overrides()),
         **kwargs,
     )

@@ -1,5 +1,6 @@
-"""What a run tells a sweep: its overrides, its hyperparameters, its optimized metric; and one sweep dir
-when the jobs of a sweep run on several devices.
+"""What a run tells a sweep: its overrides, its hyperparameters, its optimized metric, its config
+without the seed (the W&B group, the row of ``ditlab report``); and one sweep dir when the jobs of a
+sweep run on several devices.
 
 Lightning's DDP launcher starts ranks 1..N-1 by re-running ``sys.argv``; in a Hydra multirun that
 is the whole sweep command (``-m`` and every sweep value), so each child ran a sweep of its own in
@@ -10,6 +11,7 @@ the process group and the launcher's environment variables go, so the next job l
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -32,6 +34,38 @@ def job_overrides() -> list[str]:
     """The command-line (and sweep) overrides of this job, [] outside a Hydra app."""
     hc = _hydra_config()
     return list(hc.overrides.task) if hc is not None else []
+
+
+# Overrides that do not change what a run computes, besides its seed: where it writes, how it resumes.
+NOT_CONFIG = ("seed", "run_name", "ckpt_path", "hydra.", "paths.")
+DEFAULTS_GROUP = "defaults"  # the group of a run without overrides
+WANDB_GROUP_CHARS = 128  # W&B's limit on a group's name
+
+
+def config_overrides(overrides: list[str]) -> list[str]:
+    """A run's overrides that make its config, less its seed (``NOT_CONFIG``), sorted."""
+    kept = []
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if not any(key == name or (name.endswith(".") and key.startswith(name)) for name in NOT_CONFIG):
+            kept.append(item)
+    return sorted(kept)
+
+
+def config_group(overrides: list[str]) -> str:
+    """The config of a run without its seed, from its overrides: ``"model=dit_s2 optim.optimizer.lr=1e-4"``
+    for ``["seed=1", "optim.optimizer.lr=1e-4", "model=dit_s2"]``; runs that differ only in their seed
+    share it (their W&B ``group``, their row of ``ditlab report``)."""
+    return " ".join(config_overrides(overrides)) or DEFAULTS_GROUP
+
+
+def wandb_group(overrides: list[str]) -> str:
+    """``config_group`` within W&B's 128 characters: a longer one is cut and ends in a hash of the whole."""
+    group = config_group(overrides)
+    if len(group) <= WANDB_GROUP_CHARS:
+        return group
+    digest = hashlib.blake2b(group.encode(), digest_size=4).hexdigest()
+    return f"{group[: WANDB_GROUP_CHARS - len(digest) - 1]}-{digest}"
 
 
 @contextmanager

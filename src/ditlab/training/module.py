@@ -9,7 +9,7 @@ resumed run continues the very same random streams (EDM2's practice) and no two 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from lightning import LightningModule
@@ -21,6 +21,7 @@ from ditlab.training.ema import EMA
 from ditlab.training.nonfinite import NonFiniteSteps
 from ditlab.training.parallel import checkpointed_blocks, is_sharded, parallelize, shard
 from ditlab.training.repa import REPA
+from ditlab.training.validation import FIXED_GRID, check_grid, fixed_loss_values, fixed_timestep_losses
 
 
 class DiTModule(LightningModule):
@@ -37,6 +38,8 @@ class DiTModule(LightningModule):
     repa: representation alignment (``training.repa.REPA``), or None; its loss is added to the
         objective's, its projector trains with the network (not in the EMA); batches then carry the
         clean images, (latents, labels, images).
+    val_grid / val_seed: the fixed-timestep validation loss (``training.validation``): its times and its
+        noise seed (not the run's: runs of other seeds measure alike).
 
     Parallelism is applied from outside in ``configure_model`` (``training.parallel.parallelize``):
     with ``trainer=fsdp`` the blocks and the root are sharded (FSDP2) and the EMA is sharded like
@@ -56,6 +59,8 @@ class DiTModule(LightningModule):
         seed: int = 0,
         max_nonfinite_steps: int = 10,
         repa: REPA | None = None,
+        val_grid: Sequence[float] = FIXED_GRID,
+        val_seed: int = 0,
     ):
         super().__init__()
         self.net = net
@@ -77,6 +82,7 @@ class DiTModule(LightningModule):
         # Whether the network draws its label dropout from a generator it is handed (ditlab's DiT);
         # another backbone (forward(x, t, y)) gets its stream through the global RNG instead.
         self._takes_dropout_generator = "dropout_generator" in inspect.signature(net.forward).parameters
+        self.val_grid, self.val_seed = check_grid(val_grid), val_seed
         self.repa = repa
         if repa is not None:  # after the EMA's copy: the average has no hook and no projector
             repa.attach(net)
@@ -197,7 +203,7 @@ class DiTModule(LightningModule):
             self.ema.update(self.net, keep=ema_step.keep)
 
     def validation_step(self, batch, batch_idx: int):
-        latents, labels = batch
+        latents, labels, *_ = batch  # held-out posterior means, unflipped[, images]
         at = (self.global_rank, self.global_step, batch_idx)
         device = latents.device
         t = self.objective.sample_t(
@@ -208,6 +214,12 @@ class DiTModule(LightningModule):
         )
         terms = self.objective.training_losses(self._val_net[0], latents, t, {"y": labels}, noise=noise)
         self.log("val/loss_ema", terms["loss"].mean(), on_epoch=True, sync_dist=True)
+        batch_key = (self.global_rank, batch_idx)  # the fixed loss's noise: the same at every step
+        fixed = fixed_timestep_losses(
+            self._val_net[0], self.objective, latents, labels, self.val_grid, self.val_seed, batch_key
+        )
+        for name, value in fixed_loss_values(fixed, self.val_grid).items():
+            self.log(name, value, on_epoch=True, sync_dist=True, batch_size=len(latents))
 
     def on_validation_start(self) -> None:
         # Gathered once per validation, on every rank; in a list so that it is not a submodule.

@@ -399,7 +399,8 @@ FAST_SAMPLERS = {GaussianDiffusion: ("dpmpp_2m", 20), FlowMatching: ("flow_heun"
 class Sampler:
     """A validated sampler choice from config: ``name``, ``steps`` (DDPM/DDIM: respaced steps) and
     the sampler's own options (``eta`` for ddim; ``shift`` for the flow samplers, and ``last_step``,
-    ``last_step_size``, ``diffusion``, ``diffusion_norm``, ``solver``, ``sample_eps`` for flow_sde). ``sampler(model, objective, x, model_kwargs, noise)``."""
+    ``last_step_size``, ``diffusion``, ``diffusion_norm``, ``solver``, ``sample_eps`` for flow_sde).
+    ``sampler(model, objective, x, model_kwargs, noise)``."""
 
     def __init__(self, name: str = "ddpm", steps: int = 250, **options):
         if name not in SAMPLERS:

@@ -415,9 +415,8 @@ class DiT(nn.Module):
         self.num_heads = num_heads
         self.num_classes = num_classes
         self.head_dim = hidden_size // num_heads
-        self.switches = dict(
-            norm=norm, mlp=mlp, pos=pos, qk_norm=qk_norm, qk_norm_kind=qk_norm_kind, norm_gain=norm_gain, wo_shift=wo_shift
-        )
+        self.switches = dict(norm=norm, mlp=mlp, pos=pos, qk_norm=qk_norm)
+        self.switches.update(qk_norm_kind=qk_norm_kind, norm_gain=norm_gain, wo_shift=wo_shift)
         self.adds_sincos = pos in ("sincos", "sincos_rope2d")
         self.rotates_qk = pos in ("rope2d", "sincos_rope2d")
 

@@ -72,8 +72,8 @@ def check_config(config: dict, switches: dict, path: str | Path) -> None:
     for flag, (switch, on) in CONFIG_SWITCHES.items():
         if flag in model and bool(model[flag]) != (switches[switch] == on):
             raise ValueError(
-                f"{str(path)!r}: its config says {flag}={model[flag]} but its weights have {switch}={switches[switch]}; "
-                "expected a checkpoint whose weights match its config"
+                f"{str(path)!r}: its config says {flag}={model[flag]} but its weights have "
+                f"{switch}={switches[switch]}; expected a checkpoint whose weights match its config"
             )
 
 

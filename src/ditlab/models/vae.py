@@ -137,7 +137,9 @@ def read_latent_stats(path: str | Path) -> dict:
         stats = torch.load(path, map_location="cpu", weights_only=True)
         mean, std = stats["mean"].flatten().tolist(), stats["std"].flatten().tolist()
     except Exception as err:  # noqa: BLE001 - one line for any file that is not such a dict
-        raise ValueError(f"{str(path)!r} is not a latents_stats.pt ({type(err).__name__}); expected {{'mean', 'std'}}")
+        raise ValueError(
+            f"{str(path)!r} is not a latents_stats.pt ({type(err).__name__}); expected {{'mean', 'std'}}"
+        ) from None
     return {"mean": mean, "std": std}
 
 
@@ -227,8 +229,7 @@ def codec_from_portable(carried: dict) -> nn.Module:
 
     autoencoder = AutoencoderKL.from_config(json.loads(carried["config_json"]))
     autoencoder.load_state_dict(carried["state_dict"])
-    codec = PretrainedVAE(
-        record.get("path", "small_kl"), record["scale_factor"], autoencoder=autoencoder, latent_stats=record_stats(record)
-    )
+    path, stats = record.get("path", "small_kl"), record_stats(record)
+    codec = PretrainedVAE(path, record["scale_factor"], autoencoder=autoencoder, latent_stats=stats)
     codec.kind = record["kind"]
     return codec

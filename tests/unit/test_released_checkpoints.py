@@ -415,8 +415,8 @@ def test_sde_options_are_checked_and_counted():
     with pytest.raises(ValueError, match="diffusion_norm=-1 must be a finite number >= 0"):
         Sampler("flow_sde", 10, diffusion_norm=-1)
     assert Sampler("flow_sde", 10, solver="heun").nfe() == 19 and Sampler("flow_sde", 10, last_step="none").nfe() == 9
-    sbdm = Sampler("flow_sde", 4, diffusion="sbdm")  # SiT's velocity models start where SBDM is infinite
     with pytest.raises(
-        ValueError, match="sampler diffusion=sbdm starts where its coefficient t / \\(1 - t\\) is infinite"
+        ValueError, match=r"sampler diffusion=sbdm starts where its coefficient t / \(1 - t\) is infinite"
     ):
-        sbdm(lambda x, t, y: x, FlowMatching(), torch.zeros(1, 1, 2, 2), {"y": torch.zeros(1, dtype=torch.long)})
+        Sampler("flow_sde", 4, diffusion="sbdm")  # SiT's velocity models start where SBDM is infinite
+    assert Sampler("flow_sde", 4, diffusion="sbdm", sample_eps=0.01).options["sample_eps"] == 0.01

@@ -300,11 +300,7 @@ def flow_sde(
     check_sample_eps(sample_eps)
     if steps < 2:
         raise ValueError(f"sampler flow_sde needs steps >= 2 (noisy steps, then the last one), got {steps}")
-    if diffusion == "sbdm" and sample_eps == 0:
-        raise ValueError(
-            "sampler diffusion=sbdm starts where its coefficient t / (1 - t) is infinite (t = 1, pure noise); "
-            "expected sample_eps > 0 (SiT's velocity models force sample_eps = 0 there: NaN)"
-        )
+    check_sde_options(dict(diffusion=diffusion, sample_eps=sample_eps))
     noise = noise or _randn_like
     has_last = last_step != "none"
     # SiT's check_interval: SBDM starts sample_eps from the noise; without a last step the noisy steps
@@ -340,6 +336,15 @@ def flow_sde(
     return (x + t**2 * flow_score(x, v, t)) / (1 - t)  # tweedie: x / alpha + sigma^2 / alpha * score
 
 
+def check_sde_options(options: dict) -> None:
+    """What one option cannot check alone: SBDM's coefficient t / (1 - t) is infinite at t = 1."""
+    if options.get("diffusion") == "sbdm" and options.get("sample_eps", 0.0) == 0:
+        raise ValueError(
+            "sampler diffusion=sbdm starts where its coefficient t / (1 - t) is infinite (t = 1, pure noise); "
+            "expected sample_eps > 0 (SiT's velocity models force sample_eps = 0 there: NaN)"
+        )
+
+
 def flow_sde_nfe(steps: int, options: dict) -> int:
     per_step = 2 if options.get("solver", "euler") == "heun" else 1
     return (steps - 1) * per_step + (options.get("last_step", "mean") != "none")
@@ -353,6 +358,7 @@ class SamplerSpec:
     second_order: bool = False
     min_steps: int = 1
     count_nfe: Callable[[int, dict], int] | None = None  # where the options decide it
+    check_options: Callable[[dict], None] | None = None  # options checked together, at config time
 
     def nfe(self, steps: int, options: dict | None = None) -> int:
         """Model evaluations per sample (guidance batches cond + uncond into the same evaluation)."""
@@ -370,7 +376,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "ode_heun": SamplerSpec(ode_heun, GaussianDiffusion, second_order=True),
     "flow_euler": SamplerSpec(flow_euler, FlowMatching),
     "flow_heun": SamplerSpec(flow_heun, FlowMatching, second_order=True),
-    "flow_sde": SamplerSpec(flow_sde, FlowMatching, min_steps=2, count_nfe=flow_sde_nfe),
+    "flow_sde": SamplerSpec(
+        flow_sde, FlowMatching, min_steps=2, count_nfe=flow_sde_nfe, check_options=check_sde_options
+    ),
 }
 
 
@@ -424,6 +432,8 @@ class Sampler:
         for option, value in options.items():
             if option in OPTION_CHECKS:
                 OPTION_CHECKS[option](value)
+        if SAMPLERS[name].check_options is not None:
+            SAMPLERS[name].check_options(options)
         self.name, self.steps, self.options = name, steps, dict(options)
 
     @property

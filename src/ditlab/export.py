@@ -17,9 +17,10 @@ def export(cfg: DictConfig) -> Path:
     if cfg.what not in WHAT:
         raise ValueError(f"what={cfg.what!r}; expected one of {WHAT}")
     if cfg.what == "transformer":
-        out = export_transformer(cfg.ckpt, cfg.out, cfg.ema)
+        out = export_transformer(cfg.ckpt, cfg.out, cfg.ema, cfg.family, cfg.num_heads)
     else:
-        out = export_pipeline(cfg.ckpt, cfg.out, cfg.ema, cfg.vae_path)
+        reading = dict(family=cfg.family, num_heads=cfg.num_heads, latent_stats=cfg.latent_stats)
+        out = export_pipeline(cfg.ckpt, cfg.out, cfg.ema, cfg.vae_path, **reading)
     print(f"exported to {out}")
     return out
 

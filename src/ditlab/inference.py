@@ -6,9 +6,10 @@ the sampler runs, the codec decodes. Because the noise of sample i depends on i 
 do not depend on the batch size or on how many ranks share the work.
 
 ``load_model`` reads a ditlab training checkpoint (the resolved training config, the codec and the
-class names are inside it: it samples without the prepared dir), an official DiT checkpoint (paired
-with the SD VAE it was trained with) or a diffusers folder, through the one weights reader
-(``ditlab.models.weights``): on the CPU first, weights only.
+class names are inside it: it samples without the prepared dir), a released checkpoint of the DiT
+family (DiT, SiT, REPA, LightningDiT: paired with the VAE its family decodes with, sampled by its
+family's published protocol, its network's time read as its family does) or a diffusers folder,
+through the one weights reader (``ditlab.models.weights``): on the CPU first, weights only.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid, save_image
 
 from ditlab.data.prepared import PreparedDir
-from ditlab.diffusion import Guidance, Sampler, create_diffusion
+from ditlab.diffusion import FlowMatching, Guidance, Sampler, create_diffusion
+from ditlab.diffusion.protocols import Protocol, published_protocol
 from ditlab.diffusion.samplers import samplers_for
 from ditlab.models.dit import DiT
+from ditlab.models.released import Family
 from ditlab.models.vae import SD_SCALE_FACTOR, IdentityVAE, PretrainedVAE, codec_from_portable, codec_from_record
 from ditlab.models.weights import DiTWeights, read_dit_weights
 from ditlab.runtime.checkpoints import check_checkpoint_fits
@@ -135,6 +138,7 @@ class ModelBundle:
     source: str
     train_config: DictConfig | None = None  # the ditlab run's resolved training config, when there is one
     classes: list[str] | None = None  # the class names, where the checkpoint or folder knows them
+    protocol: Protocol | None = None  # a released checkpoint's: its family's published sampler and guidance
 
     def to(self, device):
         self.net.to(device)
@@ -184,24 +188,27 @@ class ModelBundle:
     def own_sampler(self) -> Sampler:
         """The sampler this checkpoint's run drew its grids with (DDPM-250 without a training config)."""
         if self.train_config is None or "sampler" not in self.train_config:
-            return OFFICIAL_SAMPLER
+            return self.protocol.sampler if self.protocol else OFFICIAL_SAMPLER
         return instantiate(self.train_config.sampler)
 
     def own_guidance(self) -> Guidance:
         """The guidance this checkpoint's run drew its grids with (DiT's 1.5 without a training config)."""
         grid = OmegaConf.select(self.train_config, "callbacks.sample_grid") if self.train_config is not None else None
         if grid is None:
-            return OFFICIAL_GUIDANCE
+            return self.protocol.guidance if self.protocol else OFFICIAL_GUIDANCE
         if "guidance" in grid:
             return instantiate(grid.guidance)
         # runs written before the guidance node (grid keys cfg_scale, guided_channels, guidance_interval)
         return Guidance(grid.cfg_scale, grid.get("guided_channels"), grid.get("guidance_interval"))
 
 
-def load_network(path: str | Path, ema: bool = True) -> tuple[torch.nn.Module, object, DictConfig | None]:
-    """(net in eval mode, objective, training config or None) of a ditlab ``.ckpt``, an official DiT
-    file or a diffusers DiT folder (``models.weights.read_dit_weights`` tells them apart)."""
-    return _network(read_dit_weights(path, ema), path)
+def load_network(
+    path: str | Path, ema: bool = True, family: str = "auto", num_heads: int | None = None
+) -> tuple[torch.nn.Module, object, DictConfig | None]:
+    """(net in eval mode, objective, training config or None) of a ditlab ``.ckpt``, a released DiT /
+    SiT / REPA / LightningDiT file or a diffusers DiT folder (``models.weights.read_dit_weights`` tells
+    them apart)."""
+    return _network(read_dit_weights(path, ema, family, num_heads), path)
 
 
 def _network(weights: DiTWeights, path: str | Path) -> tuple[torch.nn.Module, object, DictConfig | None]:
@@ -211,6 +218,8 @@ def _network(weights: DiTWeights, path: str | Path) -> tuple[torch.nn.Module, ob
     net.load_state_dict(weights.state_dict, strict=True)
     if config is not None:
         objective = instantiate(config.diffusion.objective)
+    elif weights.family.flow_time is not None:  # SiT, REPA, LightningDiT: flow in their network's time
+        objective = FlowMatching(**weights.family.flow_time)
     else:
         objective = create_diffusion(learn_sigma=net.learn_sigma)
     return net.eval(), objective, config
@@ -259,29 +268,55 @@ def _folder_codec(path: Path):
     raise ValueError(f"{str(path)!r} has no vae/ folder; expected one, or vae=<hub id or local VAE dir>")
 
 
-def load_model(ckpt: str | Path, ema: bool = True, vae: str | None = None) -> ModelBundle:
-    """A ditlab ``.ckpt`` (EMA weights unless ``ema=False``), an official DiT ``.pt``/``.safetensors`` or
-    a diffusers folder (``ditlab export``'s), with the codec that decodes its latents (the run's or the
-    folder's own, or ``vae``: a hub id or local dir).
+def _family_codec(family: Family, vae: str | None, latent_stats: str | None) -> PretrainedVAE:
+    """The codec a released checkpoint decodes with: its family's VAE and latent scale (or ``vae``),
+    with the per-channel statistics its family normalises by (``latent_stats``: LightningDiT's
+    ``latents_stats.pt``)."""
+    if family.latent_stats and not latent_stats:
+        raise ValueError(
+            f"a {family.title} checkpoint's latents are normalised per channel; expected latent_stats=<its "
+            "latents_stats.pt> (and vae_path=<its VAE as a diffusers folder>)"
+        )
+    if not (vae or family.vae):
+        raise ValueError(f"a {family.title} checkpoint decodes with its own VAE; expected vae_path=<diffusers folder>")
+    return PretrainedVAE(vae or family.vae, family.scale_factor, latent_stats=latent_stats or None)
+
+
+def load_model(
+    ckpt: str | Path,
+    ema: bool = True,
+    vae: str | None = None,
+    family: str = "auto",
+    num_heads: int | None = None,
+    latent_stats: str | None = None,
+) -> ModelBundle:
+    """A ditlab ``.ckpt`` (EMA weights unless ``ema=False``), a released DiT / SiT / REPA / LightningDiT
+    ``.pt``/``.safetensors`` or a diffusers folder (``ditlab export``'s), with the codec that decodes its
+    latents (the run's or the folder's own, or ``vae``: a hub id or local dir). A released file:
+    ``family`` (auto: told from the file), ``num_heads`` (where no tensor shows it), ``latent_stats``
+    (LightningDiT's ``latents_stats.pt``); it samples by its family's published protocol by default.
 
         model = load_model("outputs/train/run/checkpoints/last.ckpt")
         images = model.generate([0, 1, 2], Sampler("ddim", 50), Guidance(scale=2.0), seed=0)
     """
-    weights = read_dit_weights(ckpt, ema)
+    weights = read_dit_weights(ckpt, ema, family, num_heads)
     net, objective, cfg = _network(weights, ckpt)
-    classes = None
-    if vae:
+    classes, protocol = None, None
+    if vae and weights.format != "official":
         codec = PretrainedVAE(vae, SD_SCALE_FACTOR)
     if Path(ckpt).is_dir():
         codec = codec if vae else _folder_codec(Path(ckpt))
         classes = _folder_classes(Path(ckpt))
         source = "diffusers folder"
     elif cfg is None:
-        codec = codec if vae else PretrainedVAE("stabilityai/sd-vae-ft-ema", SD_SCALE_FACTOR)
-        source = "official DiT checkpoint"
+        codec = _family_codec(weights.family, vae, latent_stats)
+        if weights.family.flow_time is None:  # DiT's released files keep ditlab's defaults for them
+            source = "official DiT checkpoint"
+        else:
+            source, protocol = f"{weights.family.title} checkpoint", published_protocol(weights.family.protocol)
     else:
         kit, classes = _checkpoint_kit(weights.checkpoint, cfg, ckpt, need_codec=not vae)
         codec = codec if vae else _kit_codec(kit)
         source = f"ditlab checkpoint, {'EMA' if ema else 'raw'} weights"
     shape = (net.in_channels, net.input_size, net.input_size)
-    return ModelBundle(net, objective, codec.eval(), net.num_classes, shape, source, cfg, classes)
+    return ModelBundle(net, objective, codec.eval(), net.num_classes, shape, source, cfg, classes, protocol)

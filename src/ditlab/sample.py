@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ditlab.data.transforms import model_range_to_uint8
 from ditlab.diffusion import Sampler
+from ditlab.diffusion.protocols import protocol_from_node
 from ditlab.inference import check_labels, generate, grid_image, grid_labels, load_model, sample_labels, save_grid
 from ditlab.metrics.provenance import (
     guidance_values,
@@ -70,14 +71,17 @@ def sample(cfg: DictConfig) -> Path:
     if cfg.num_samples < 1:
         raise ValueError(f"num_samples={cfg.num_samples} must be >= 1")
     # Given choices are checked before anything is loaded; the checkpoint's own wait for it.
+    protocol = protocol_from_node("protocol=", cfg.protocol) if cfg.get("protocol") else None
     given_guidance = instantiate(cfg.guidance) if cfg.guidance.scale is not None else None
+    given_guidance = given_guidance or (protocol.guidance if protocol else None)
     given_sampler = instantiate(cfg.sampler) if cfg.get("sampler") else None
+    given_sampler = given_sampler or (protocol.sampler if protocol else None)
     rank, world, local_rank = process_rank()
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.backends.cuda.matmul.allow_tf32 = True
-    model = load_model(cfg.ckpt, cfg.ema, cfg.vae_path)
+    model = load_model(cfg.ckpt, cfg.ema, cfg.vae_path, cfg.family, cfg.num_heads, cfg.latent_stats)
     sampler = given_sampler or model.own_sampler()
     if cfg.steps is not None:
         sampler = Sampler(sampler.name, cfg.steps, **sampler.options)
@@ -200,6 +204,9 @@ def sampling_record(cfg, model, sampler: Sampler, guidance, world: int, device: 
             "source": model.source,
         },
         "vae_path": cfg.vae_path,
+        "family": cfg.family if cfg.family != "auto" else None,
+        "num_heads": cfg.num_heads,
+        "latent_stats": cfg.latent_stats,
         "sampler": sampler_values(sampler),
         "sampler_text": sampler.describe(),
         "guidance": guidance_values(guidance),

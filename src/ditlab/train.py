@@ -80,7 +80,8 @@ def build(cfg: DictConfig, init_weights: bool = True):
         datamodule.check_data()
         choose_fid_extractor(cfg.fid_protocol, OmegaConf.select(cfg, "data.reference.extractor"), prepared)
         net = instantiate(cfg.model)
-        apply_finetune(net, cfg.get("init_from") if init_weights else None, cfg.get("finetune"))
+        init_from = cfg.get("init_from") if init_weights else None
+        apply_finetune(net, init_from, cfg.get("finetune"), instantiate(cfg.diffusion.objective) if init_from else None)
         module = build_module(cfg, net)
         if module.repa is not None and not datamodule.with_images:
             raise ValueError("repa needs each latent's clean image; expected data.module.with_images=true")

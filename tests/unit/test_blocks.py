@@ -245,7 +245,9 @@ def test_model_config_reaches_the_switches():
     switches = ["model.norm=rms", "model.mlp=swiglu", "model.pos=rope2d", "model.qk_norm=true"]
     cfg = compose_cfg("train", ["experiment=smoke", *data, *switches])
     model = instantiate(cfg.model)
-    assert model.switches == dict(norm="rms", mlp="swiglu", pos="rope2d", qk_norm=True)
+    assert model.switches == dict(
+        norm="rms", mlp="swiglu", pos="rope2d", qk_norm=True, qk_norm_kind="rms", norm_gain=False, wo_shift=False
+    )
     assert type(model.blocks[0].mlp).__name__ == "SwiGLU" and hasattr(model.blocks[0].attn, "q_norm")
 
 

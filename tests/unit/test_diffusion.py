@@ -404,8 +404,10 @@ def test_timestep_shift_is_sd3s_formula_and_lightningdits_reversed():
 def test_flow_sampler_options_are_checked_at_config_time():
     with pytest.raises(ValueError, match="shift=0.0 must be a finite number > 0"):
         Sampler("flow_euler", 10, shift=0.0)
-    with pytest.raises(ValueError, match=r"unknown sampler last_step='tweedie'; expected one of \('mean', 'euler'\)"):
-        Sampler("flow_sde", 10, last_step="tweedie")
+    with pytest.raises(
+        ValueError, match=r"unknown sampler last_step='median'; expected one of \('mean', 'euler', 'tweedie', 'none'\)"
+    ):
+        Sampler("flow_sde", 10, last_step="median")
     with pytest.raises(ValueError, match="last_step_size=1.5 must be in"):
         Sampler("flow_sde", 10, last_step_size=1.5)
     with pytest.raises(ValueError, match="steps=1 must be an integer >= 2 for flow_sde"):

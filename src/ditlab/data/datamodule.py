@@ -16,6 +16,7 @@ from lightning import LightningDataModule
 from ditlab.data import storage
 from ditlab.data.prepared import PreparedDir
 from ditlab.data.shards import check_split, stored_views
+from ditlab.models.vae import to_model_space
 from ditlab.seeding import stream_generator
 
 
@@ -30,7 +31,7 @@ def draw_views(block: torch.Tensor, generator: torch.Generator | None = None, fl
 
 def latents_from_block(
     block: torch.Tensor,
-    scale_factor: float,
+    scale_factor: float | dict,
     generator: torch.Generator | None = None,
     flip: bool = True,
     sample_posterior: bool = True,
@@ -40,7 +41,8 @@ def latents_from_block(
 
     Picks the image or its flip per sample (``which``, drawn by ``draw_views`` when not given),
     draws z = mean + std * eps when the posterior (M = 2) was stored (or takes the mean when
-    ``sample_posterior`` is off), then multiplies by the scale.
+    ``sample_posterior`` is off), then multiplies by the scale (``scale_factor`` a number), or maps it
+    to model space by the codec's record (a dict: ``models.vae.to_model_space``, per-channel statistics).
     """
     n, device = block.shape[0], block.device
     which = draw_views(block, generator, flip) if which is None else which
@@ -48,6 +50,8 @@ def latents_from_block(
     z = chosen[:, 0]
     if chosen.shape[1] == 2 and sample_posterior:
         z = z + chosen[:, 1] * torch.randn(z.shape, generator=generator, device=device)
+    if isinstance(scale_factor, dict):
+        return to_model_space(z, scale_factor)
     return z * scale_factor
 
 
@@ -170,6 +174,12 @@ class LatentDataModule(LightningDataModule):
     def scale_factor(self) -> float:
         return self.meta["vae"]["scale_factor"]
 
+    @property
+    def latent_space(self) -> float | dict:
+        """How raw latents become model-space ones: the scale factor, or the codec's record when it
+        normalises each channel (``models.vae.to_model_space``)."""
+        return self.meta["vae"] if "latent_mean" in self.meta["vae"] else self.scale_factor
+
     def check_model(self, input_size: int, in_channels: int, patch_size: int, num_classes: int) -> None:
         """Fail before training when the model does not fit the data (one line each)."""
         c, h, w = self.latent_shape
@@ -252,7 +262,7 @@ class LatentDataModule(LightningDataModule):
         which = draw_views(batch["latent"], generator, self.flip and not held_out)
         posterior = self.sample_posterior and not held_out
         latents = latents_from_block(
-            batch["latent"], self.scale_factor, generator, which=which, sample_posterior=posterior
+            batch["latent"], self.latent_space, generator, sample_posterior=posterior, which=which
         )
         if not self.with_images:
             return latents, batch["label"].long()

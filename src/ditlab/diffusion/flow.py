@@ -4,7 +4,17 @@ x_t = (1 - t) x_0 + t eps for t in [0, 1] (t = 1 is pure noise); the model predi
 dx_t/dt = eps - x_0. Sampling integrates the ODE from t = 1 to t = 0. The DiT model is reused
 unchanged: it sees t * ``time_scale`` so continuous time covers the timestep embedding's usual range.
 The solvers (``flow_euler``, ``flow_heun``, and SiT's stochastic ``flow_sde``) and the sampling
-grid's timestep shift are in ``samplers``.
+grid's timestep shift are in ``samplers``; they all work in this time (t = 1 noise).
+
+The network's own time convention is the objective's to translate (``model_timesteps``, ``velocity``):
+
+    family        what the network sees       what it predicts     FlowMatching(...)
+    ditlab        t * 1000 (t = 1 noise)       eps - x_0            time_scale=1000 (the default)
+    REPA          t (t = 1 noise)              eps - x_0            time_scale=1
+    SiT,          1 - t (its time: 0 noise,    x_0 - eps            time_scale=1, data_at_one=true
+    LightningDiT  1 data)
+
+so that the released SiT / REPA / LightningDiT weights sample and fine-tune here unchanged.
 """
 
 from __future__ import annotations
@@ -37,7 +47,10 @@ class FlowMatching:
         t_mean: float = 0.0,
         t_std: float = 1.0,
         cos_coef: float = 0.0,
+        data_at_one: bool = False,
     ):
+        if not isinstance(data_at_one, bool):
+            raise ValueError(f"data_at_one={data_at_one!r}; expected true or false")
         if t_sampling not in T_SAMPLINGS:
             raise ValueError(f"unknown t_sampling {t_sampling!r}; expected one of {T_SAMPLINGS}")
         if t_std <= 0:
@@ -47,6 +60,7 @@ class FlowMatching:
         self.time_scale = float(time_scale)
         self.t_sampling, self.t_mean, self.t_std = t_sampling, float(t_mean), float(t_std)
         self.cos_coef = float(cos_coef)
+        self.data_at_one = data_at_one
 
     def sample_t(self, batch_size: int, device: torch.device | str = "cpu", generator=None) -> torch.Tensor:
         if self.t_sampling == "uniform":
@@ -63,11 +77,16 @@ class FlowMatching:
         return (1 - t) * x_start + t * noise
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """The time the network sees for t (also the units of a guidance interval)."""
+        if self.data_at_one:
+            return (1 - t) * self.time_scale
         return t * self.time_scale
 
     def velocity(self, model: Callable, x: torch.Tensor, t: torch.Tensor, model_kwargs=None) -> torch.Tensor:
+        """dx_t/dt = eps - x_0 at (x, t), from the network's output in its own convention."""
         out = model(x, self.model_timesteps(t), **(model_kwargs or {}))
-        return out[:, : x.shape[1]]  # a learn_sigma model's extra channels are ignored
+        v = out[:, : x.shape[1]]  # a learn_sigma model's extra channels are ignored
+        return -v if self.data_at_one else v  # SiT's and LightningDiT's networks predict x_0 - eps
 
     def training_losses(self, model: Callable, x_start, t, model_kwargs=None, noise=None) -> dict:
         """Per-sample terms, same interface as GaussianDiffusion: ``mse`` (velocity MSE), ``cos`` (the

@@ -18,8 +18,10 @@ samplers (``generate`` passes per-sample streams; default ``torch.randn_like``).
     ode_heun      gaussian    Heun on the same ODE                                         2 steps - 1
     flow_euler    flow        Euler on the flow ODE from t = 1 to 0                        steps
     flow_heun     flow        Heun on the flow ODE (Euler on the last interval)            2 steps - 1
-    flow_sde      flow        SiT's Euler-Maruyama on the reverse SDE, last step without   steps
-                              noise (``last_step``: mean | euler, ``last_step_size``)
+    flow_sde      flow        SiT's stochastic sampler on the reverse SDE: Euler-Maruyama  steps
+                              (``solver`` heun: SiT's Heun SDE, 2 evaluations a noisy step),
+                              ``diffusion`` form and ``diffusion_norm``, the last step
+                              without noise (``last_step``: mean | euler | tweedie | none)
 
 The flow samplers take ``shift`` (default 1.0: none), SD3's timestep shift of the sampling grid,
 t' = s t / (1 + (s - 1) t) with t = 1 pure noise: s > 1 spends more steps at high noise. It is an
@@ -31,6 +33,7 @@ model, not what the model learned. LightningDiT's ``timestep_shift`` counts time
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -137,7 +140,11 @@ ode_heun = _diffusers_solver(_heun_ve, "ode_heun")
 
 
 # ------------------------------------------------------------------------------ flow matching
-LAST_STEPS = ("mean", "euler")
+LAST_STEPS = ("mean", "euler", "tweedie", "none")
+SDE_SOLVERS = ("euler", "heun")
+# SiT's diffusion coefficients w(t) of the reverse SDE (``ICPlan.compute_diffusion``, its "sigma" the
+# command-line default); written in ditlab's time (t = 1 noise), where SiT's time is 1 - t.
+DIFFUSION_FORMS = ("sigma", "sbdm", "constant", "linear", "decreasing", "increasing_decreasing")
 
 
 def check_shift(shift: float) -> None:
@@ -155,6 +162,26 @@ def check_last_step_size(last_step_size: float) -> None:
         raise ValueError(f"sampler last_step_size={last_step_size} must be in (0, 1)")
 
 
+def check_diffusion(diffusion: str) -> None:
+    if diffusion not in DIFFUSION_FORMS:
+        raise ValueError(f"unknown sampler diffusion={diffusion!r}; expected one of {DIFFUSION_FORMS}")
+
+
+def check_diffusion_norm(diffusion_norm: float) -> None:
+    if not diffusion_norm >= 0 or diffusion_norm == float("inf"):
+        raise ValueError(f"sampler diffusion_norm={diffusion_norm} must be a finite number >= 0")
+
+
+def check_solver(solver: str) -> None:
+    if solver not in SDE_SOLVERS:
+        raise ValueError(f"unknown sampler solver={solver!r}; expected one of {SDE_SOLVERS}")
+
+
+def check_sample_eps(sample_eps: float) -> None:
+    if not 0 <= sample_eps < 1:
+        raise ValueError(f"sampler sample_eps={sample_eps} must be in [0, 1)")
+
+
 def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
     """SD3's timestep shift (Esser et al. 2024): t' = s t / (1 + (s - 1) t). It keeps 0 and 1 and is
     monotone; s = 1 is the identity bit for bit (1 * t / (1 + 0 * t) = t in floating point)."""
@@ -167,15 +194,24 @@ def flow_time_grid(steps: int, shift: float = 1.0, device=None) -> torch.Tensor:
     return shift_time(torch.linspace(1.0, 0.0, steps + 1, device=device), shift)
 
 
-def sde_time_grid(steps: int, last_step_size: float, shift: float = 1.0, device=None) -> torch.Tensor:
-    """``flow_sde``'s ``steps + 1`` times: ``steps - 1`` Euler-Maruyama intervals from t = 1 to
-    ``last_step_size``, then the last interval to 0. The shift moves the inner times, not the ends:
-    the uniform part runs to the point that the shift maps onto ``last_step_size``."""
+def sde_time_grid(
+    steps: int, last_step_size: float, shift: float = 1.0, device=None, start: float = 1.0, last_step: bool = True
+) -> torch.Tensor:
+    """``flow_sde``'s times: ``steps - 1`` Euler-Maruyama intervals from t = ``start`` (1: pure noise)
+    to ``last_step_size``, then the last interval to 0 (``steps + 1`` times). Without a last step
+    (``last_step=False``, SiT's ``last_step=None``) the ``steps - 1`` intervals run to
+    ``last_step_size`` (SiT: its sample_eps, 0 for velocity models) and stop there (``steps`` times).
+    The shift moves the inner times, not the ends: the uniform part runs between the points that the
+    shift maps onto the ends."""
     check_shift(shift)
-    check_last_step_size(last_step_size)
-    end = shift_time(torch.tensor(last_step_size, dtype=torch.float64), 1 / shift).item()  # the inverse shift
-    noisy = shift_time(torch.linspace(1.0, end, steps, device=device), shift)  # (steps,)
-    return torch.cat([noisy, noisy.new_zeros(1)])
+    if last_step or last_step_size > 0:
+        check_last_step_size(last_step_size)
+
+    def unshifted(t: float) -> float:  # the inverse shift; the ends 0 and 1 stay exactly
+        return t if t in (0.0, 1.0) else shift_time(torch.tensor(t, dtype=torch.float64), 1 / shift).item()
+
+    noisy = shift_time(torch.linspace(unshifted(start), unshifted(last_step_size), steps, device=device), shift)
+    return torch.cat([noisy, noisy.new_zeros(1)]) if last_step else noisy
 
 
 def _flow_ode(model, x, objective: FlowMatching, steps: int, model_kwargs, progress, heun: bool, label: str, shift):
@@ -208,6 +244,24 @@ def flow_score(x: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tenso
     return -(x + (1 - t) * v) / t
 
 
+def diffusion_coefficient(form: str, t: torch.Tensor, norm: float = 1.0) -> torch.Tensor:
+    """SiT's w(t) (``ICPlan.compute_diffusion``) at ditlab's t (t = 1 noise; SiT's time s = 1 - t):
+    sigma and linear norm * t (SiT's sigma_s = 1 - s), sbdm norm * t / (1 - t) (its compute_drift's
+    "diffusion", infinite at pure noise), constant norm, decreasing 0.25 (norm cos(pi s) + 1)^2,
+    increasing_decreasing norm sin(pi s)^2 (SiT's code spells that key "inccreasing-decreasing", so
+    its command line cannot reach it; the formula is the one it holds)."""
+    s = 1 - t
+    if form in ("sigma", "linear"):
+        return norm * t
+    if form == "sbdm":
+        return norm * t / s
+    if form == "constant":
+        return torch.full_like(t, norm)
+    if form == "decreasing":
+        return 0.25 * (norm * torch.cos(math.pi * s) + 1) ** 2
+    return norm * torch.sin(math.pi * s) ** 2  # increasing_decreasing
+
+
 def flow_sde(
     model,
     x,
@@ -219,32 +273,81 @@ def flow_sde(
     shift=1.0,
     last_step="mean",
     last_step_size=0.04,
+    diffusion="sigma",
+    diffusion_norm=1.0,
+    solver="euler",
+    sample_eps=0.0,
 ):
-    """SiT's stochastic sampler (Ma et al. 2024, ``Sampler.sample_sde`` with its defaults): Euler-Maruyama
-    on the reverse SDE that has the flow's marginals,
+    """SiT's stochastic sampler (Ma et al. 2024, ``Sampler.sample_sde``; its command-line defaults are
+    this function's): the reverse SDE that has the flow's marginals,
 
         dx = [v(x, t) - w(t) score(x, t)] dt + sqrt(2 w(t)) dW,   t from 1 to 0 (dt < 0),
 
-    with SiT's "sigma" diffusion coefficient w(t) = t (the interpolant's noise level: much noise
-    early, none at the data) and the score from the velocity (``flow_score``). ``steps - 1`` noisy
-    steps to t = ``last_step_size``, then one step to t = 0 without noise, where the score divides
-    by t: ``last_step`` "mean" (the SDE's drift, SiT's default) or "euler" (the ODE's velocity).
-    NFE = steps; noise from ``noise(like)``."""
-    check_last_step(last_step)
+    with the score from the velocity (``flow_score``) and SiT's diffusion coefficient w
+    (``diffusion``, ``diffusion_norm``: ``diffusion_coefficient``; "sigma", w(t) = t, is much noise
+    early and none at the data). ``steps - 1`` noisy steps to t = ``last_step_size``, then one step to
+    t = 0 without noise, where the score divides by t: ``last_step`` "mean" (the SDE's drift, SiT's
+    default), "euler" (the ODE's velocity), "tweedie" (x_0 = (x + t^2 score) / (1 - t) at
+    t = last_step_size: the posterior mean) or "none" (no last step: the noisy steps run to 0).
+    ``solver``: "euler" (Euler-Maruyama) or "heun" (SiT's Heun SDE: noise first, then Heun on the
+    drift, 2 evaluations a step). ``sample_eps`` (SiT's): SBDM's noisy steps start at t = 1 - sample_eps,
+    and without a last step they end at t = sample_eps. SiT's velocity models force it to 0, where
+    SBDM's w is infinite (NaN there): refused here.
+    NFE: (steps - 1) x (1 or 2) + (1 with a last step); noise from ``noise(like)``."""
+    for check, value in ((check_last_step, last_step), (check_diffusion, diffusion), (check_solver, solver)):
+        check(value)
+    check_diffusion_norm(diffusion_norm)
+    check_sample_eps(sample_eps)
     if steps < 2:
         raise ValueError(f"sampler flow_sde needs steps >= 2 (noisy steps, then the last one), got {steps}")
+    check_sde_options(dict(diffusion=diffusion, sample_eps=sample_eps))
     noise = noise or _randn_like
-    grid = sde_time_grid(steps, last_step_size, shift, device=x.device)  # (steps + 1,), 1 -> 0
-    for i in tqdm(range(steps), disable=not progress, desc="flow_sde"):
-        t, dt = grid[i], grid[i + 1] - grid[i]  # 0-d tensors, dt < 0: no host sync
+    has_last = last_step != "none"
+    # SiT's check_interval: SBDM starts sample_eps from the noise; without a last step the noisy steps
+    # end sample_eps from the data (else at last_step_size, where the last step takes over)
+    start = 1 - sample_eps if diffusion == "sbdm" else 1.0
+    grid = sde_time_grid(steps, last_step_size if has_last else sample_eps, shift, x.device, start, has_last)
+
+    def sde_drift(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         v = objective.velocity(model, x, t.expand(x.shape[0]), model_kwargs)
-        w = t  # SiT's diffusion coefficient, "sigma" form
-        sde_drift = v - w * flow_score(x, v, t)
-        if i < steps - 1:
-            x = x + dt * sde_drift + torch.sqrt(-2 * w * dt) * noise(x)
-        else:  # the last interval ends at t = 0: no noise, the drift alone
-            x = x + dt * (sde_drift if last_step == "mean" else v)
-    return x
+        return v - diffusion_coefficient(diffusion, t, diffusion_norm) * flow_score(x, v, t), v
+
+    noisy_steps = steps - 1
+    for i in tqdm(range(noisy_steps), disable=not progress, desc="flow_sde"):
+        t, t_next = grid[i], grid[i + 1]  # 0-d tensors, no host sync
+        dt = t_next - t  # < 0
+        w = diffusion_coefficient(diffusion, t, diffusion_norm)
+        if solver == "euler":
+            drift, _ = sde_drift(x, t)
+            x = x + dt * drift + torch.sqrt(-2 * w * dt) * noise(x)
+        else:  # SiT's Heun SDE: the step's noise first, then Heun on the drift from there
+            x_hat = x + torch.sqrt(-2 * w * dt) * noise(x)
+            k1, _ = sde_drift(x_hat, t)
+            k2, _ = sde_drift(x_hat + dt * k1, t_next)
+            x = x_hat + 0.5 * dt * (k1 + k2)
+    if not has_last:
+        return x
+    t = grid[noisy_steps]  # = last_step_size; the last interval ends at t = 0
+    drift, v = sde_drift(x, t)
+    if last_step == "mean":
+        return x - t * drift
+    if last_step == "euler":
+        return x - t * v
+    return (x + t**2 * flow_score(x, v, t)) / (1 - t)  # tweedie: x / alpha + sigma^2 / alpha * score
+
+
+def check_sde_options(options: dict) -> None:
+    """What one option cannot check alone: SBDM's coefficient t / (1 - t) is infinite at t = 1."""
+    if options.get("diffusion") == "sbdm" and options.get("sample_eps", 0.0) == 0:
+        raise ValueError(
+            "sampler diffusion=sbdm starts where its coefficient t / (1 - t) is infinite (t = 1, pure noise); "
+            "expected sample_eps > 0 (SiT's velocity models force sample_eps = 0 there: NaN)"
+        )
+
+
+def flow_sde_nfe(steps: int, options: dict) -> int:
+    per_step = 2 if options.get("solver", "euler") == "heun" else 1
+    return (steps - 1) * per_step + (options.get("last_step", "mean") != "none")
 
 
 # ------------------------------------------------------------------------------ the registry
@@ -254,9 +357,13 @@ class SamplerSpec:
     objective: type
     second_order: bool = False
     min_steps: int = 1
+    count_nfe: Callable[[int, dict], int] | None = None  # where the options decide it
+    check_options: Callable[[dict], None] | None = None  # options checked together, at config time
 
-    def nfe(self, steps: int) -> int:
+    def nfe(self, steps: int, options: dict | None = None) -> int:
         """Model evaluations per sample (guidance batches cond + uncond into the same evaluation)."""
+        if self.count_nfe is not None:
+            return self.count_nfe(steps, options or {})
         return 2 * steps - 1 if self.second_order else steps
 
 
@@ -269,7 +376,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "ode_heun": SamplerSpec(ode_heun, GaussianDiffusion, second_order=True),
     "flow_euler": SamplerSpec(flow_euler, FlowMatching),
     "flow_heun": SamplerSpec(flow_heun, FlowMatching, second_order=True),
-    "flow_sde": SamplerSpec(flow_sde, FlowMatching, min_steps=2),
+    "flow_sde": SamplerSpec(
+        flow_sde, FlowMatching, min_steps=2, count_nfe=flow_sde_nfe, check_options=check_sde_options
+    ),
 }
 
 
@@ -279,6 +388,10 @@ OPTION_CHECKS: dict[str, Callable] = {
     "shift": check_shift,
     "last_step": check_last_step,
     "last_step_size": check_last_step_size,
+    "diffusion": check_diffusion,
+    "diffusion_norm": check_diffusion_norm,
+    "solver": check_solver,
+    "sample_eps": check_sample_eps,
 }
 
 
@@ -294,7 +407,8 @@ FAST_SAMPLERS = {GaussianDiffusion: ("dpmpp_2m", 20), FlowMatching: ("flow_heun"
 class Sampler:
     """A validated sampler choice from config: ``name``, ``steps`` (DDPM/DDIM: respaced steps) and
     the sampler's own options (``eta`` for ddim; ``shift`` for the flow samplers, and ``last_step``,
-    ``last_step_size`` for flow_sde). ``sampler(model, objective, x, model_kwargs, noise)``."""
+    ``last_step_size``, ``diffusion``, ``diffusion_norm``, ``solver``, ``sample_eps`` for flow_sde).
+    ``sampler(model, objective, x, model_kwargs, noise)``."""
 
     def __init__(self, name: str = "ddpm", steps: int = 250, **options):
         if name not in SAMPLERS:
@@ -318,6 +432,8 @@ class Sampler:
         for option, value in options.items():
             if option in OPTION_CHECKS:
                 OPTION_CHECKS[option](value)
+        if SAMPLERS[name].check_options is not None:
+            SAMPLERS[name].check_options(options)
         self.name, self.steps, self.options = name, steps, dict(options)
 
     @property
@@ -337,7 +453,7 @@ class Sampler:
             )
 
     def nfe(self) -> int:
-        return self.spec.nfe(self.steps)
+        return self.spec.nfe(self.steps, self.options)
 
     @classmethod
     def fast(cls, objective) -> Sampler:

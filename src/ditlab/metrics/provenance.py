@@ -110,8 +110,9 @@ def sample_command(record: dict) -> str:
         override("format", record["format"]),
         override("out", record["out"]),
     ]
-    if record.get("vae_path"):
-        args.insert(2, override("vae_path", record["vae_path"]))
+    for key in ("latent_stats", "num_heads", "family", "vae_path"):  # a released checkpoint's reading options
+        if record.get(key):
+            args.insert(2, override(key, record[key]))
     world = record.get("world_size", 1)
     launcher = ["python", "-m"] if world == 1 else ["torchrun", f"--nproc_per_node={world}", "-m"]
     return shlex.join([*launcher, "ditlab.sample", *args])

@@ -18,12 +18,19 @@ LightningDiT's blocks (Yao et al. 2025, "Reconstruction vs. Generation") are swi
 are the official layout: with all four at their defaults the module tree and the state_dict are the
 official ones. A switch changes only the modules it names:
 
-    norm: layer | rms          block and final norms: LayerNorm or RMSNorm (neither has parameters)
+    norm: layer | rms          block and final norms: LayerNorm or RMSNorm (no parameters by default)
+    norm_gain: false | true    with norm=rms, RMSNorm with a learned gain, as LightningDiT's
+                               (blocks.N.norm{1,2}.weight, final_layer.norm_final.weight)
     mlp: gelu | swiglu         blocks.N.mlp.{fc1,fc2} (GELU) or blocks.N.mlp.{w12,w3} (SwiGLU)
     pos: sincos | rope2d | sincos_rope2d
                                the absolute sin-cos table added to the tokens, or a 2-D rotary embedding
                                of q and k in every attention, or both (LightningDiT's released code)
-    qk_norm: false | true      RMSNorm per head on q and k: blocks.N.attn.{q_norm,k_norm}.weight
+    qk_norm: false | true      a norm per head on q and k: blocks.N.attn.{q_norm,k_norm}.*
+    qk_norm_kind: rms | layer  which norm: RMSNorm with a gain (eps 1e-6: LightningDiT with its RMSNorm)
+                               or LayerNorm with gain and bias (eps 1e-5: timm's, as REPA's SiT and
+                               LightningDiT without RMSNorm have it)
+    wo_shift: false | true     adaLN without the shifts (LightningDiT's ``wo_shift``): the blocks'
+                               adaLN_modulation gives 4 vectors (scale, gate for attention and MLP)
 """
 
 from __future__ import annotations
@@ -40,6 +47,11 @@ from timm.layers import Attention, Mlp, PatchEmbed
 NORMS = ("layer", "rms")
 MLPS = ("gelu", "swiglu")
 POSITIONS = ("sincos", "rope2d", "sincos_rope2d")
+QK_NORM_KINDS = ("rms", "layer")
+# The official DiT layout: every switch at this value (what official and diffusers formats hold).
+OFFICIAL_SWITCHES = dict(
+    norm="layer", mlp="gelu", pos="sincos", qk_norm=False, qk_norm_kind="rms", norm_gain=False, wo_shift=False
+)
 
 
 def check_choice(name: str, value, choices: tuple) -> None:
@@ -47,17 +59,31 @@ def check_choice(name: str, value, choices: tuple) -> None:
         raise ValueError(f"unknown {name}={value!r}; expected one of {choices}")
 
 
-def check_switches(norm: str, mlp: str, pos: str, qk_norm: bool) -> None:
+def check_switches(
+    norm: str,
+    mlp: str,
+    pos: str,
+    qk_norm: bool,
+    qk_norm_kind: str = "rms",
+    norm_gain: bool = False,
+    wo_shift: bool = False,
+) -> None:
     """LightningDiT's switches, all checked before anything is built."""
     check_choice("norm", norm, NORMS)
     check_choice("mlp", mlp, MLPS)
     check_choice("pos", pos, POSITIONS)
-    if not isinstance(qk_norm, bool):
-        raise ValueError(f"qk_norm={qk_norm!r}; expected true or false")
+    check_choice("qk_norm_kind", qk_norm_kind, QK_NORM_KINDS)
+    for name, value in (("qk_norm", qk_norm), ("norm_gain", norm_gain), ("wo_shift", wo_shift)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}={value!r}; expected true or false")
+    if norm_gain and norm != "rms":
+        raise ValueError(f"norm_gain=true with norm={norm!r}; expected norm=rms (the gain is RMSNorm's)")
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    # x (N, T, D); shift, scale (N, D) broadcast over tokens
+def modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+    # x (N, T, D); shift, scale (N, D) broadcast over tokens; shift None: adaLN without shift (wo_shift)
+    if shift is None:
+        return x * (1 + scale.unsqueeze(1))
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
@@ -143,7 +169,9 @@ class LabelEmbedder(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def attention(dim: int, num_heads: int, qk_norm: bool = False, rope: bool = False) -> nn.Module:
+def attention(
+    dim: int, num_heads: int, qk_norm: bool = False, rope: bool = False, qk_norm_kind: str = "rms"
+) -> nn.Module:
     """Multi-head self-attention with a fused qkv projection (official key names ``qkv``, ``proj``),
     always through ``F.scaled_dot_product_attention`` so CUDA picks the flash / memory-efficient
     kernels; numerically it is softmax(q k^T / sqrt(d)) v. The official layout is timm's Attention;
@@ -151,15 +179,16 @@ def attention(dim: int, num_heads: int, qk_norm: bool = False, rope: bool = Fals
     if dim % num_heads != 0:
         raise ValueError(f"hidden_size={dim} is not divisible by num_heads={num_heads}")
     if qk_norm or rope:
-        return SelfAttention(dim, num_heads, qk_norm=qk_norm)
+        return SelfAttention(dim, num_heads, qk_norm=qk_norm, qk_norm_kind=qk_norm_kind)
     attn = Attention(dim, num_heads=num_heads, qkv_bias=True)
     attn.fused_attn = True  # timm's default too, unless the environment sets TIMM_FUSED_ATTN=0
     return attn
 
 
 class HeadRMSNorm(nn.RMSNorm):
-    """RMSNorm over a head's channels, with its gain cast to the input's dtype: under autocast q and k
-    arrive in bf16 while the gain is an fp32 parameter, and mixed dtypes miss the fused kernel."""
+    """RMSNorm with a learned gain, cast to the input's dtype: under autocast q and k (or the tokens)
+    arrive in bf16 while the gain is an fp32 parameter, and mixed dtypes miss the fused kernel. Over a
+    head's channels (QK-norm) or over the width (``norm_gain``: LightningDiT's block norms)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
@@ -169,14 +198,17 @@ class SelfAttention(nn.Module):
     """timm's attention plus LightningDiT's two options. QK-norm: an RMSNorm over each head's channels
     of q and of k, with a learned gain: nothing modulates q and k afterwards, and unit-RMS q and k alone
     would cap the logits near sqrt(head_dim), so the gain is what sets the attention's sharpness.
-    RoPE: ``rope`` = the (cos, sin) tables of ``rope_2d_table``, rotating q and k after their norm."""
+    RoPE: ``rope`` = the (cos, sin) tables of ``rope_2d_table``, rotating q and k after their norm.
+    ``qk_norm_kind``: "rms" (RMSNorm, eps 1e-6, gain) or "layer" (LayerNorm, eps 1e-5, gain and bias:
+    timm's default, which REPA's SiT and LightningDiT without its RMSNorm use)."""
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, qk_norm_kind: str = "rms"):
         super().__init__()
+        check_choice("qk_norm_kind", qk_norm_kind, QK_NORM_KINDS)
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
-        self.q_norm = HeadRMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = HeadRMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm = head_norm(qk_norm_kind, self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = head_norm(qk_norm_kind, self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim, bias=True)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -188,6 +220,12 @@ class SelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         x = F.scaled_dot_product_attention(q, k, v)  # (N, h, T, d_h)
         return self.proj(x.transpose(1, 2).reshape(n, t, d))  # (N, T, D)
+
+
+def head_norm(kind: str, head_dim: int) -> nn.Module:
+    if kind == "rms":
+        return HeadRMSNorm(head_dim, eps=1e-6)
+    return nn.LayerNorm(head_dim)  # timm's norm_layer default: eps 1e-5, gain and bias
 
 
 def rope_2d_table(grid_size: int, head_dim: int, device=None, theta: float = 10000.0):
@@ -229,14 +267,17 @@ def approx_gelu() -> nn.Module:
     return nn.GELU(approximate="tanh")
 
 
-def block_norm(kind: str, dim: int) -> nn.Module:
-    """The norm before adaLN's modulation. Neither kind has a learned gain: a per-channel gain right
-    before adaLN's per-sample (1 + scale) is the same function reparametrised (it folds into the adaLN
-    linear), and without one the official "norms have no parameters" layout holds for both kinds.
-    (LightningDiT's RMSNorm keeps a gain: its norm weights are keys this model does not have.)"""
+def block_norm(kind: str, dim: int, gain: bool = False) -> nn.Module:
+    """The norm before adaLN's modulation. By default neither kind has a learned gain: a per-channel
+    gain right before adaLN's per-sample (1 + scale) is the same function reparametrised (it folds into
+    the adaLN linear), and without one the official "norms have no parameters" layout holds for both
+    kinds. ``gain`` (norm=rms only): LightningDiT's RMSNorm, whose gain is a key of its checkpoints and
+    a parameter its training moves (starting at 1)."""
     check_choice("norm", kind, NORMS)
     if kind == "layer":
         return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+    if gain:
+        return HeadRMSNorm(dim, eps=1e-6)
     return nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False)
 
 
@@ -265,7 +306,8 @@ def feed_forward(kind: str, dim: int, mlp_ratio: float) -> nn.Module:
 
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning: c gives shift, scale and a residual gate for
-    both the attention and the MLP branch. The gate starts at zero, so each block starts as identity."""
+    both the attention and the MLP branch (``wo_shift``: scale and gate only). The gate starts at zero,
+    so each block starts as identity."""
 
     def __init__(
         self,
@@ -276,19 +318,28 @@ class DiTBlock(nn.Module):
         mlp: str = "gelu",
         qk_norm: bool = False,
         rope: bool = False,
+        qk_norm_kind: str = "rms",
+        norm_gain: bool = False,
+        wo_shift: bool = False,
     ):
         super().__init__()
-        self.norm1 = block_norm(norm, hidden_size)
-        self.attn = attention(hidden_size, num_heads, qk_norm=qk_norm, rope=rope)
-        self.norm2 = block_norm(norm, hidden_size)
+        self.norm1 = block_norm(norm, hidden_size, norm_gain)
+        self.attn = attention(hidden_size, num_heads, qk_norm=qk_norm, rope=rope, qk_norm_kind=qk_norm_kind)
+        self.norm2 = block_norm(norm, hidden_size, norm_gain)
         self.mlp = feed_forward(mlp, hidden_size, mlp_ratio)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.wo_shift = wo_shift
+        modulations = 4 if wo_shift else 6
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, modulations * hidden_size, bias=True))
 
     def forward(
         self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> torch.Tensor:
         # x (N, T, D), c (N, D); rope: the (T, d_h) cos and sin tables when the model rotates q and k
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        if self.wo_shift:
+            scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
+            shift_msa = shift_mlp = None
+        else:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         h = modulate(self.norm1(x), shift_msa, scale_msa)  # (N, T, D)
         x = x + gate_msa.unsqueeze(1) * (self.attn(h) if rope is None else self.attn(h, rope))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -296,9 +347,11 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, norm: str = "layer"):
+    def __init__(
+        self, hidden_size: int, patch_size: int, out_channels: int, norm: str = "layer", norm_gain: bool = False
+    ):
         super().__init__()
-        self.norm_final = block_norm(norm, hidden_size)
+        self.norm_final = block_norm(norm, hidden_size, norm_gain)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
@@ -330,8 +383,8 @@ class DiT(nn.Module):
 
     forward(x (N, C, H, W), t (N,), y (N,)) -> (N, 2C if learn_sigma else C, H, W); with
     learn_sigma the first C channels are the predicted noise, the next C the variance interpolant.
-    ``norm``, ``mlp``, ``pos``, ``qk_norm``: LightningDiT's blocks (module docstring); the defaults
-    are the official model.
+    ``norm``, ``mlp``, ``pos``, ``qk_norm``, ``qk_norm_kind``, ``norm_gain``, ``wo_shift``:
+    LightningDiT's blocks (module docstring); the defaults are the official model.
     """
 
     def __init__(
@@ -350,9 +403,12 @@ class DiT(nn.Module):
         mlp: str = "gelu",
         pos: str = "sincos",
         qk_norm: bool = False,
+        qk_norm_kind: str = "rms",
+        norm_gain: bool = False,
+        wo_shift: bool = False,
     ):
         super().__init__()
-        check_switches(norm, mlp, pos, qk_norm)
+        check_switches(norm, mlp, pos, qk_norm, qk_norm_kind, norm_gain, wo_shift)
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -362,6 +418,7 @@ class DiT(nn.Module):
         self.num_classes = num_classes
         self.head_dim = hidden_size // num_heads
         self.switches = dict(norm=norm, mlp=mlp, pos=pos, qk_norm=qk_norm)
+        self.switches.update(qk_norm_kind=qk_norm_kind, norm_gain=norm_gain, wo_shift=wo_shift)
         self.adds_sincos = pos in ("sincos", "sincos_rope2d")
         self.rotates_qk = pos in ("rope2d", "sincos_rope2d")
 
@@ -376,13 +433,14 @@ class DiT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size**2, hidden_size), requires_grad=False)
         if self.rotates_qk:
             check_rope_head_dim(self.head_dim)
+        block_switches = dict(norm=norm, mlp=mlp, qk_norm=qk_norm, qk_norm_kind=qk_norm_kind, norm_gain=norm_gain)
         self.blocks = nn.ModuleList(
             [
-                DiTBlock(hidden_size, num_heads, mlp_ratio, norm=norm, mlp=mlp, qk_norm=qk_norm, rope=self.rotates_qk)
+                DiTBlock(hidden_size, num_heads, mlp_ratio, rope=self.rotates_qk, wo_shift=wo_shift, **block_switches)
                 for _ in range(depth)
             ]
         )
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm=norm)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm=norm, norm_gain=norm_gain)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -415,7 +473,7 @@ class DiT(nn.Module):
     @property
     def official_layout(self) -> bool:
         """Whether every LightningDiT switch is at its default (what official/diffusers formats hold)."""
-        return self.switches == dict(norm="layer", mlp="gelu", pos="sincos", qk_norm=False)
+        return self.switches == OFFICIAL_SWITCHES
 
     def rope_tables(self, device) -> tuple[torch.Tensor, torch.Tensor] | None:
         return rope_2d_table(self.grid_size, self.head_dim, device=device) if self.rotates_qk else None

@@ -3,7 +3,11 @@ architecture of the small KL autoencoder that ``prepare`` trains on the dataset 
 pretrained VAE fits (its training loop is ``ditlab.pipelines.fit_vae``).
 
 Convention (EDM2-style): shards hold the RAW posterior (mean, std) of ``encode``; the model works on
-``scale_factor * z`` with z sampled from that posterior; ``decode`` takes model-space latents.
+``scale_factor * z`` with z sampled from that posterior; ``decode`` takes model-space latents. A
+pretrained codec may also normalise each channel by the dataset's latent statistics (VA-VAE's
+convention, LightningDiT's ``latent_norm``): the model then works on ``(z - mean) / std *
+scale_factor``, per channel (``latent_stats``: the mean and std, as plain lists in the codec's
+record, so that prepare, training, the checkpoint and sampling all hold the same numbers).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ class IdentityVAE(nn.Module):
 
     kind = "identity"
     downsample = 1
+    has_posterior = False  # encode gives the image itself (std 0): shards store one sample, no posterior
+    measure_stats = False
 
     def __init__(self, scale_factor: float = 1.0):
         super().__init__()
@@ -42,12 +48,23 @@ class IdentityVAE(nn.Module):
 
 class PretrainedVAE(nn.Module):
     """A diffusers ``AutoencoderKL`` from a hub id (stabilityai/sd-vae-ft-ema) or a local directory
-    (what ``save_pretrained`` writes). Frozen, eval mode."""
+    (what ``save_pretrained`` writes). Frozen, eval mode.
+
+    ``latent_stats``: None (one scale factor, SD's convention), ``"dataset"`` (``prepare`` measures
+    each channel's mean and std on the dataset's latents and records them), a ``latents_stats.pt``
+    file (LightningDiT's: ``{"mean", "std"}`` of shape (1, C, 1, 1)) or the {"mean", "std"} lists of
+    a record."""
 
     kind = "pretrained"
+    has_posterior = True  # encode gives a posterior (mean, std): shards store both, training samples it
 
     def __init__(
-        self, path: str, scale_factor: float = SD_SCALE_FACTOR, subfolder: str | None = None, autoencoder=None
+        self,
+        path: str,
+        scale_factor: float = SD_SCALE_FACTOR,
+        subfolder: str | None = None,
+        autoencoder=None,
+        latent_stats: str | dict | None = None,
     ):
         super().__init__()
         self.vae = autoencoder if autoencoder is not None else _load_autoencoder(path, subfolder)
@@ -55,6 +72,19 @@ class PretrainedVAE(nn.Module):
         self.path = str(path)
         self.scale_factor = float(scale_factor)
         self.downsample = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.measure_stats = latent_stats == "dataset"  # prepare measures them (``set_latent_stats``)
+        self.latent_mean = self.latent_std = None
+        if latent_stats is not None and not self.measure_stats:
+            stats = latent_stats if isinstance(latent_stats, dict) else read_latent_stats(latent_stats)
+            self.set_latent_stats(stats["mean"], stats["std"])
+
+    def set_latent_stats(self, mean, std) -> None:
+        """Per-channel statistics of the raw latents (sequences of C floats); std must be > 0."""
+        mean, std = [float(v) for v in mean], [float(v) for v in std]
+        if len(mean) != len(std) or not all(s > 0 for s in std):
+            raise ValueError(f"latent statistics mean {mean} / std {std}; expected C means and C stds > 0")
+        self.latent_mean, self.latent_std = mean, std
+        self.measure_stats = False
 
     def latent_channels(self, image_channels: int) -> int:
         if image_channels != self.vae.config.in_channels:
@@ -70,10 +100,54 @@ class PretrainedVAE(nn.Module):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents / self.scale_factor).sample
+        if self.latent_mean is None:
+            return self.vae.decode(latents / self.scale_factor).sample
+        mean, std = channel_tensors(self.latent_mean, self.latent_std, latents)
+        return self.vae.decode(latents * std / self.scale_factor + mean).sample  # LightningDiT's order
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "path": self.path, "scale_factor": self.scale_factor}
+        record = {"kind": self.kind, "path": self.path, "scale_factor": self.scale_factor}
+        if self.latent_mean is not None:
+            record.update(latent_mean=list(self.latent_mean), latent_std=list(self.latent_std))
+        return record
+
+
+def channel_tensors(mean, std, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel lists as (1, C, 1, 1) tensors of ``like``'s dtype and device."""
+    shape = (1, len(mean)) + (1,) * (like.dim() - 2)
+    as_tensor = lambda v: torch.tensor(v, dtype=like.dtype, device=like.device).view(shape)  # noqa: E731
+    return as_tensor(mean), as_tensor(std)
+
+
+def to_model_space(z: torch.Tensor, record: dict) -> torch.Tensor:
+    """Raw latents (N, C, H, W) -> what the model works on, by the codec's record (meta.json's ``vae``):
+    ``z * scale_factor``, or ``(z - mean) / std * scale_factor`` per channel when it has statistics."""
+    if "latent_mean" not in record:
+        return z * record["scale_factor"]
+    mean, std = channel_tensors(record["latent_mean"], record["latent_std"], z)
+    return (z - mean) / std * record["scale_factor"]
+
+
+def read_latent_stats(path: str | Path) -> dict:
+    """LightningDiT's ``latents_stats.pt`` (``{"mean", "std"}``, each (1, C, 1, 1)) as plain lists."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"latent statistics {str(path)!r} do not exist; expected a latents_stats.pt")
+    try:
+        stats = torch.load(path, map_location="cpu", weights_only=True)
+        mean, std = stats["mean"].flatten().tolist(), stats["std"].flatten().tolist()
+    except Exception as err:  # noqa: BLE001 - one line for any file that is not such a dict
+        raise ValueError(
+            f"{str(path)!r} is not a latents_stats.pt ({type(err).__name__}); expected {{'mean', 'std'}}"
+        ) from None
+    return {"mean": mean, "std": std}
+
+
+def measure_latent_stats(latents: torch.Tensor) -> dict:
+    """Per-channel mean and std of raw latent samples (N, C, H, W), as LightningDiT measures them
+    (``compute_latent_stats``: over samples and positions, the unbiased std), as plain lists."""
+    latents = latents.double()
+    return {"mean": latents.mean(dim=(0, 2, 3)).tolist(), "std": latents.std(dim=(0, 2, 3)).tolist()}
 
 
 def _load_autoencoder(path: str, subfolder: str | None):
@@ -122,9 +196,14 @@ def codec_from_record(vae: dict, small_vae_dir: str | Path | None = None) -> nn.
     path = small_vae_dir if vae["kind"] == "small_kl" else vae["path"]
     if path is None:
         raise ValueError(f"the {vae['kind']} VAE's weights are not at hand; expected its folder")
-    codec = PretrainedVAE(str(path), scale_factor=vae["scale_factor"])
+    codec = PretrainedVAE(str(path), scale_factor=vae["scale_factor"], latent_stats=record_stats(vae))
     codec.kind = vae["kind"]  # small_kl: what prepare trained, described as such
     return codec
+
+
+def record_stats(record: dict) -> dict | None:
+    """The per-channel statistics a codec record holds (None: one scale factor)."""
+    return {"mean": record["latent_mean"], "std": record["latent_std"]} if "latent_mean" in record else None
 
 
 # ------------------------------------------------------------------------------------------ in a checkpoint
@@ -150,6 +229,7 @@ def codec_from_portable(carried: dict) -> nn.Module:
 
     autoencoder = AutoencoderKL.from_config(json.loads(carried["config_json"]))
     autoencoder.load_state_dict(carried["state_dict"])
-    codec = PretrainedVAE(record.get("path", "small_kl"), record["scale_factor"], autoencoder=autoencoder)
+    path, stats = record.get("path", "small_kl"), record_stats(record)
+    codec = PretrainedVAE(path, record["scale_factor"], autoencoder=autoencoder, latent_stats=stats)
     codec.kind = record["kind"]
     return codec

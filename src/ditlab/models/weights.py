@@ -3,49 +3,106 @@
     a folder                      a diffusers DiT (``DiTTransformer2DModel`` or a whole DiTPipeline,
                                   ``ditlab export``'s with the run's ``ditlab_config.yaml`` beside it)
     ``*.ckpt``                    a ditlab training checkpoint (EMA or raw weights, the run's config)
-    anything else                 an official DiT checkpoint (``.pt`` / ``.safetensors``)
+    anything else                 a released checkpoint of the DiT family (``.pt`` / ``.safetensors``):
+                                  DiT, SiT, REPA or LightningDiT, each read by its family's reader
 
-and gives back the weights in the official layout, the architecture read off them where the file
-has no config, and the training config where there is one. Everything is read on the CPU, weights
-only (``runtime.checkpoints.read_checkpoint``, ``models.official.read_state_dict``): sampling,
-export and fine-tuning (``init_from``) all read through here.
+and gives back the weights in ditlab's layout, the architecture read off them where the file has no
+config, and the training config where there is one. Everything is read on the CPU, weights only
+(``runtime.checkpoints.read_checkpoint``, ``models.released.read_released_file``): sampling, export
+and fine-tuning (``init_from``) all read through here.
+
+A released file's family is ``family`` (auto: told from the file, ``models.released.detect_family``);
+its reader says in one log line what it found (family, size, EMA or raw weights, what it left out)
+and refuses a misfit with one line. The head count, which no tensor shows, is ``num_heads`` when
+given (``init_from`` gives the run's), else read where a tensor records it, else the papers'.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ditlab.models.diffusers_dit import read_diffusers_dit
-from ditlab.models.official import infer_dit_kwargs, read_state_dict
+from ditlab.models.lightningdit import read_lightningdit
+from ditlab.models.official import read_dit
+from ditlab.models.released import (
+    DIT,
+    FAMILIES,
+    FAMILY_CHOICES,
+    Family,
+    ReleasedWeights,
+    check_family_fits,
+    detect_family,
+    read_released_file,
+    training_weights,
+)
+from ditlab.models.repa import read_repa
+from ditlab.models.sit import read_sit
 from ditlab.runtime.checkpoints import read_checkpoint
 
+log = logging.getLogger("ditlab.weights")
+
 EXPORT_CONFIG = "ditlab_config.yaml"  # the training config ``ditlab export`` writes beside the diffusers files
+
+# One reader per family format: (file object, path, ema, num_heads, evidence) -> ReleasedWeights
+READERS: dict[str, Callable[..., ReleasedWeights]] = {
+    "dit": read_dit,
+    "sit": read_sit,
+    "repa": read_repa,
+    "lightningdit": read_lightningdit,
+}
 
 
 @dataclass
 class DiTWeights:
     format: str  # "ditlab" | "official" | "diffusers"
-    state_dict: dict[str, torch.Tensor]  # official layout, on the CPU
+    state_dict: dict[str, torch.Tensor]  # ditlab's layout, on the CPU
     dit_kwargs: dict | None  # the architecture read off the weights (official, diffusers)
     train_config: str | None  # the run's resolved config (YAML) of a ditlab checkpoint or export
     checkpoint: dict | None = None  # the whole ditlab checkpoint (step, callbacks' state, ...)
+    family: Family = DIT  # a released file's family (its time convention, its published protocol)
 
 
-def read_dit_weights(path: str | Path, ema: bool = True) -> DiTWeights:
-    """The DiT weights at ``path`` (see the module docstring); ``ema``: a ditlab checkpoint's EMA
-    weights (false: the raw ones). Raises FileNotFoundError / ValueError with one line."""
+def check_family_choice(family: str) -> None:
+    if family not in FAMILY_CHOICES:
+        raise ValueError(f"unknown family={family!r}; expected one of {FAMILY_CHOICES}")
+
+
+def read_released(path: str | Path, ema: bool = True, family: str = "auto", num_heads: int | None = None):
+    """A released checkpoint of the DiT family through its family's reader (``ReleasedWeights``)."""
+    check_family_choice(family)
+    obj = read_released_file(path)
+    state_dict, _ = training_weights(obj, path, ema)
+    if family == "auto":
+        found, evidence = detect_family(obj, state_dict, path)
+    else:
+        found, evidence = FAMILIES[family], "family=" + family
+        check_family_fits(found, obj, state_dict, path)
+    released = READERS[found.name](obj, path, ema, num_heads, evidence)
+    log.info(released.describe(path))
+    return released
+
+
+def read_dit_weights(
+    path: str | Path, ema: bool = True, family: str = "auto", num_heads: int | None = None
+) -> DiTWeights:
+    """The DiT weights at ``path`` (see the module docstring); ``ema``: a ditlab or training
+    checkpoint's EMA weights (false: the raw ones). ``family``, ``num_heads``: for released files.
+    Raises FileNotFoundError / ValueError with one line."""
     path = Path(path)
+    check_family_choice(family)
     if path.is_dir():
         state_dict, kwargs = read_diffusers_dit(path)
         config = path / EXPORT_CONFIG
         return DiTWeights("diffusers", state_dict, kwargs, config.read_text() if config.is_file() else None)
     if not path.is_file():
         raise FileNotFoundError(
-            f"{str(path)!r} does not exist; expected a ditlab .ckpt, an official DiT .pt/.safetensors "
-            "or a diffusers DiT folder"
+            f"{str(path)!r} does not exist; expected a ditlab .ckpt, a DiT / SiT / REPA / LightningDiT "
+            ".pt/.safetensors or a diffusers DiT folder"
         )
     if path.suffix == ".ckpt":
         checkpoint = read_checkpoint(path)  # truncated / crafted files: one line (ValueError)
@@ -56,9 +113,9 @@ def read_dit_weights(path: str | Path, ema: bool = True) -> DiTWeights:
         state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
         return DiTWeights("ditlab", state, None, config, checkpoint)
     try:
-        state_dict = read_state_dict(path)
-        return DiTWeights("official", state_dict, infer_dit_kwargs(state_dict), None)
+        released = read_released(path, ema, family, num_heads)
     except (ValueError, FileNotFoundError):
         raise
     except Exception as err:  # noqa: BLE001 - truncated / foreign file: one line for the command
-        raise ValueError(f"{path} cannot be read as an official DiT checkpoint ({err}); expected a DiT .pt") from err
+        raise ValueError(f"{path} cannot be read as a DiT checkpoint ({err}); expected a DiT .pt") from err
+    return DiTWeights("official", released.state_dict, released.dit_kwargs, None, family=released.family)

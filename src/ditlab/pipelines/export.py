@@ -55,7 +55,8 @@ def _class_names(bundle) -> list[str]:
 def _scheduler(objective):
     if not hasattr(objective, "betas"):
         raise ValueError(
-            f"export needs a Gaussian (DDPM) objective, not {type(objective).__name__}; expected diffusion=ddpm"
+            f"export needs a Gaussian (DDPM) objective for DiTPipeline's schedulers, not {type(objective).__name__}; "
+            "expected diffusion=ddpm (or what=transformer: the network alone)"
         )
     betas = objective.betas.double().tolist()
     return DDIMScheduler(num_train_timesteps=len(betas), trained_betas=betas, clip_sample=False, set_alpha_to_one=False)
@@ -136,12 +137,13 @@ def _model_card(bundle, ckpt: Path, ema: bool, metrics: dict, note: str | None, 
     return "\n".join(lines)
 
 
-def export_pipeline(ckpt: str | Path, out: str | Path, ema: bool = True, vae: str | None = None) -> Path:
-    """Write the folder described above (atomically: built beside ``out``, then renamed)."""
+def export_pipeline(ckpt: str | Path, out: str | Path, ema: bool = True, vae: str | None = None, **reading) -> Path:
+    """Write the folder described above (atomically: built beside ``out``, then renamed). ``reading``:
+    a released checkpoint's ``family``, ``num_heads``, ``latent_stats`` (``load_model``)."""
     ckpt, out = Path(ckpt), Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"out={str(out)!r} exists and is not empty; expected a new directory")
-    bundle = load_model(ckpt, ema, vae)
+    bundle = load_model(ckpt, ema, vae, **reading)
     names = _class_names(bundle)
     note = null_class_note(bundle.num_classes)
     transformer = to_diffusers(bundle.net)
@@ -179,13 +181,16 @@ def export_pipeline(ckpt: str | Path, out: str | Path, ema: bool = True, vae: st
     return out
 
 
-def export_transformer(ckpt: str | Path, out: str | Path, ema: bool = True) -> Path:
-    """The transformer alone (a diffusers ``DiTTransformer2DModel`` folder) of a ditlab .ckpt, an
-    official DiT .pt or a diffusers folder; the checkpoint is read before ``out`` is created."""
+def export_transformer(
+    ckpt: str | Path, out: str | Path, ema: bool = True, family: str = "auto", num_heads: int | None = None
+) -> Path:
+    """The transformer alone (a diffusers ``DiTTransformer2DModel`` folder) of a ditlab .ckpt, a released
+    DiT / SiT / REPA .pt or a diffusers folder; the checkpoint is read before ``out`` is created. The
+    folder holds the weights only: a SiT or REPA network still takes its family's time (t in [0, 1])."""
     ckpt, out = Path(ckpt), Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"out={str(out)!r} exists and is not empty; expected a new directory")
-    transformer = to_diffusers(load_network(ckpt, ema)[0])
+    transformer = to_diffusers(load_network(ckpt, ema, family, num_heads)[0])
     with atomic_path(out) as tmp:
         transformer.save_pretrained(str(tmp), safe_serialization=True)
     return out

@@ -38,6 +38,7 @@ import ditlab
 from ditlab.data.extract import extract_split
 from ditlab.data.prepared import PreparedDir
 from ditlab.data.shards import count_items, split_is_complete
+from ditlab.models.vae import measure_latent_stats
 from ditlab.pipelines.fit_vae import SmallVAERecipe
 from ditlab.pipelines.reference import ReferenceSettings, write_reference
 from ditlab.runtime.files import write_json
@@ -140,6 +141,9 @@ def prepare_dataset(
     }
     if wants_reference:
         write_reference(reference, sources, prepared, device)
+    if codec.measure_stats:
+        codec.set_latent_stats(**measure_codec_stats(codec, sources["train"], device))
+        log.info(f"per-channel latent statistics of {STATS_SAMPLES} training images: {codec.describe()}")
     meta = _meta(dataset_name, sources["train"], codec, vae_name, flip, store_images, summaries)
     counts = _counts_dir(prepared)  # before meta.json: a remote dir's local folder changes with it
     prepared.write_meta(meta)
@@ -148,6 +152,26 @@ def prepare_dataset(
         f"prepared {prepared.root}: latents {meta['latent_shape']}, scale factor {meta['vae']['scale_factor']:.5f}"
     )
     return prepared.root
+
+
+STATS_SAMPLES = 10000  # LightningDiT's compute_latent_stats: 10000 images
+
+
+@torch.no_grad()
+def measure_codec_stats(codec, source, device, count: int = STATS_SAMPLES, seed: int = 0) -> dict:
+    """Per-channel mean and std of posterior samples of the first ``count`` training images (a
+    codec with ``latent_stats: dataset``, VA-VAE's convention). LightningDiT measures a random
+    subset drawn without a seed; here the first images and a seeded draw, so a rerun measures the same."""
+    n = min(count, len(source))
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for start in range(0, n, 256):
+        readable = [image for image, *_ in (source[i] for i in range(start, min(n, start + 256))) if image is not None]
+        if not readable:
+            continue
+        mean, std = codec.encode(torch.stack(readable).to(device))
+        samples.append((mean.float() + std.float() * torch.randn(mean.shape, generator=generator).to(device)).cpu())
+    return measure_latent_stats(torch.cat(samples))
 
 
 # ------------------------------------------------------------------------------------------ ranks
@@ -225,7 +249,7 @@ def _extract(
         source,
         codec,
         split_dir,
-        store_posterior=codec.kind != "identity",
+        store_posterior=codec.has_posterior,
         flip=flip,
         batch_size=encode.batch_size,
         num_workers=encode.num_workers,
@@ -256,7 +280,7 @@ def _meta(
         "resolution": train_source.image_size,
         "image_channels": train_source.channels,
         "latent_shape": [codec.latent_channels(train_source.channels), size, size],
-        "latent_format": "sample" if codec.kind == "identity" else "posterior",
+        "latent_format": "posterior" if codec.has_posterior else "sample",
         "latent_dtype": "float16",
         "views": 2 if flip else 1,  # each item: [image, its horizontal flip] or [image]
         "images": store_images,  # each item also holds its uint8 image

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+PROJECTOR_INITS = ("xavier", "torch")
+
 
 class REPA(nn.Module):
     """Args:
@@ -22,15 +24,27 @@ class REPA(nn.Module):
     depth: align the tokens that leave block ``depth`` (1-based; REPA: 8 of SiT-XL's 28).
     coef: the alignment loss's weight (REPA: 0.5).
     projector_dim: the projector MLP's hidden width (REPA: 2048).
+    projector_init: "xavier" (REPA's: its SiT's ``initialize_weights`` reaches the projectors, Xavier-
+        uniform weights and zero biases) or "torch" (PyTorch's nn.Linear default, what ditlab used first).
     """
 
-    def __init__(self, encoder: nn.Module, depth: int = 8, coef: float = 0.5, projector_dim: int = 2048):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        depth: int = 8,
+        coef: float = 0.5,
+        projector_dim: int = 2048,
+        projector_init: str = "xavier",
+    ):
         super().__init__()
         if depth < 1:
             raise ValueError(f"repa.depth={depth}; expected a block number >= 1")
         if coef < 0:
             raise ValueError(f"repa.coef={coef}; expected a number >= 0")
+        if projector_init not in PROJECTOR_INITS:
+            raise ValueError(f"repa.projector_init={projector_init!r}; expected one of {PROJECTOR_INITS}")
         self.depth, self.coef, self.projector_dim = depth, coef, projector_dim
+        self.projector_init = projector_init
         self._encoder = [encoder.eval()]  # in a list: frozen, not a submodule, not in the checkpoint
         self.projector: nn.Module | None = None
         self._tokens: torch.Tensor | None = None
@@ -51,6 +65,11 @@ class REPA(nn.Module):
             nn.SiLU(),
             nn.Linear(self.projector_dim, self.encoder.feature_dim),
         )
+        if self.projector_init == "xavier":
+            for layer in self.projector:
+                if isinstance(layer, nn.Linear):
+                    nn.init.xavier_uniform_(layer.weight)
+                    nn.init.zeros_(layer.bias)
         self.grid = net.grid_size
         net.blocks[self.depth - 1].register_forward_hook(self._keep_tokens)
 

@@ -30,16 +30,17 @@ class ReferenceSettings:
     extractor: inception (torch-fidelity's Inception), clf (a classifier trained here, offline) or None.
     weights_path: inception only: a local weights file where there is no network.
     split / max_images: the real images (None: the whole split).
-    classifier_steps / classifier_seconds / classifier_width: clf only: its training length (steps,
-        cosine lr to 0; None: until the seconds run out), a guard in seconds, its first stage's width.
+    classifier_steps / classifier_seconds / classifier_width: clf only: its training length in steps
+        (cosine lr to 0), a guard in seconds (None: none; reached first: an error, not a shorter fit),
+        its first stage's width.
     """
 
     extractor: str | None = "inception"
     weights_path: str | None = None
     split: str = "train"
     max_images: int | None = 50000
-    classifier_seconds: float = 300.0
-    classifier_steps: int | None = None
+    classifier_steps: int = 1200
+    classifier_seconds: float | None = None
     classifier_width: int = 16
 
     def extractor_weights(self, prepared: PreparedDir) -> str | None:
@@ -62,8 +63,8 @@ def write_reference(settings: ReferenceSettings, sources: dict, prepared: Prepar
             sources.get("val", sources["train"]),
             len(sources["train"].classes),
             prepared.classifier,
+            max_steps=settings.classifier_steps,
             seconds=settings.classifier_seconds,
-            max_steps=settings.classifier_steps or 1_000_000,
             width=settings.classifier_width,
             log=log.info,
             device=device,

@@ -24,7 +24,8 @@ def test_uniform_labels_are_the_previous_protocols():
 
 
 def test_an_unknown_class_draw_is_one_clear_error():
-    with pytest.raises(ValueError, match=r"fid_protocol.class_draw='stratified'; expected one of \('uniform', 'balanced'\)"):
+    expected = r"fid_protocol.class_draw='stratified'; expected one of \('uniform', 'balanced'\)"
+    with pytest.raises(ValueError, match=expected):
         FIDProtocol(extractor=None, class_draw="stratified")
     with pytest.raises(ValueError, match="class draw 'x'"):
         sample_labels(10, 5, 0, draw="x")

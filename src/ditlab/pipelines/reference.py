@@ -81,7 +81,8 @@ def write_reference(settings: ReferenceSettings, sources: dict, prepared: Prepar
     stats = ReferenceStats.from_features(features, kind, image_size=image_size, spatial=spatial)
     held_out = sources.get(settings.floor_split) if settings.floor_images else None
     if held_out is not None and held_out is not source:
-        floor, _, labels = extract_features(extractor, held_out, settings.floor_images, f"floor ({settings.floor_split})")
+        desc = f"floor ({settings.floor_split})"
+        floor, _, labels = extract_features(extractor, held_out, settings.floor_images, desc)
         stats.floor_features, stats.floor_labels = floor.numpy(), labels.numpy()
     stats.save(path)
     prepared.upload(path.name)

@@ -77,7 +77,7 @@ def prepare_tiny_folder(tmp: Path, reference: str | None = None, store_images: b
         tmp / "latents",
         extra=[
             f"data.reference.extractor={reference or 'null'}",
-            "data.reference.classifier_seconds=2",
+            "data.reference.classifier_steps=20",
             f"data.store_images={store_images}",
         ],
     )

@@ -31,7 +31,16 @@ from tqdm.auto import tqdm
 from ditlab.data.transforms import model_range_to_uint8
 from ditlab.diffusion import Sampler
 from ditlab.diffusion.protocols import protocol_from_node
-from ditlab.inference import check_labels, generate, grid_image, grid_labels, load_model, sample_labels, save_grid
+from ditlab.inference import (
+    CLASS_DRAWS,
+    check_labels,
+    generate,
+    grid_image,
+    grid_labels,
+    load_model,
+    sample_labels,
+    save_grid,
+)
 from ditlab.metrics.provenance import (
     guidance_values,
     library_versions,
@@ -49,8 +58,8 @@ FORMATS = ("npz", "png", "both")
 
 
 def _labels(cfg, num_classes: int, count: int) -> torch.Tensor:
-    if cfg.labels is None:
-        return sample_labels(num_classes, count, cfg.seed)
+    if cfg.labels is None or cfg.labels in CLASS_DRAWS:
+        return sample_labels(num_classes, count, cfg.seed, cfg.labels or "uniform")
     given = torch.tensor(list(cfg.labels), dtype=torch.long)
     return given.repeat(-(-count // len(given)))[:count]
 
@@ -213,7 +222,8 @@ def sampling_record(cfg, model, sampler: Sampler, guidance, world: int, device: 
         "guidance_text": guidance.describe(),
         "num_samples": cfg.num_samples,
         "seed": cfg.seed,
-        "labels": None if cfg.labels is None else list(cfg.labels),  # None: uniform from the seed
+        # None: uniform from the seed; "balanced": balanced from the seed; a list: cycled
+        "labels": cfg.labels if cfg.labels is None or isinstance(cfg.labels, str) else list(cfg.labels),
         "batch_size": cfg.batch_size,
         "world_size": world,
         "device": device.type,

@@ -58,7 +58,7 @@ def small_vae_run(tmp_path_factory):
             folder,
             prepared,
             vae=None,
-            extra=["data.reference.extractor=clf", "data.reference.classifier_seconds=1", *SMALL_VAE],
+            extra=["data.reference.extractor=clf", "data.reference.classifier_steps=10", *SMALL_VAE],
         ),
     )
     with open_dict(cfg):

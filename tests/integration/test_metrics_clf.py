@@ -25,7 +25,7 @@ def extractor(tmp_path_factory):
     val = torch.utils.data.Subset(val_set, range(2000))
     # 200 steps (fixed, so the test is deterministic): enough for a feature space; prepare trains for
     # 60 s (its accuracy is recorded in experiments/fmnist_cpu)
-    trained, info = train_classifier(subset, val, 10, path, seconds=600, max_steps=200, batch_size=128)
+    trained, info = train_classifier(subset, val, 10, path, max_steps=200, batch_size=128)
     assert info["val_accuracy"] > 0.6
     extractor = Extractor("clf", str(path))
     extractor.trained = trained  # the in-memory model, for the round-trip test

@@ -155,7 +155,7 @@ def torchrun_run(space):
         prepared,
         root,
         "torchrun",
-        ["data.reference.extractor=clf", "data.reference.classifier_seconds=3", "trainer.num_nodes=2"]
+        ["data.reference.extractor=clf", "data.reference.classifier_steps=20", "trainer.num_nodes=2"]
         + ["+callbacks.probe._target_=probes.CollectiveProbe", f"+callbacks.probe.dir={probe}"],
     )
     logs = [root / f"torchrun_node{n}.log" for n in (0, 1)]

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from hydra.utils import instantiate
 from omegaconf import open_dict
@@ -15,6 +16,7 @@ from ditlab.data.sources import FashionMNIST, ImageFolder
 from ditlab.metrics.reconstruction import reconstruction_psnr
 from ditlab.models.vae import PretrainedVAE, codec_from_record, small_autoencoder
 from ditlab.prepare import prepare_from_config as prepare_dataset
+from ditlab.runtime.errors import TimeGuardExceeded
 from helpers import compose_cfg, make_image_folder, prepare_cfg
 
 
@@ -114,6 +116,30 @@ def test_prepare_small_kl_vae_trains_saves_and_reloads(tmp_path):
         instantiate(other.vae.recipe).fit_or_load(None, out / "vae")  # the cache itself
     again = prepare_cfg(tmp_path, folder, vae="small_kl", extra=[*recipe, "vae.recipe.train_seconds=30"])
     assert prepare_dataset(again) == out  # the same recipe (train_seconds is only a guard): nothing to do
+
+
+def test_a_time_guard_reached_first_is_an_error_not_a_shorter_vae(tmp_path):
+    folder = make_image_folder(tmp_path / "images", corrupt=False, per_class=6)
+    recipe = ["vae.recipe.max_steps=1000", "vae.recipe.train_seconds=0", "vae.recipe.batch_size=4",
+              "vae.recipe.block_out_channels=[8,8]", "vae.recipe.norm_num_groups=4"]
+    with pytest.raises(TimeGuardExceeded, match=r"^vae.recipe.train_seconds=0 reached at step 1 of 1000; "):
+        prepare_dataset(prepare_cfg(tmp_path, folder, vae="small_kl", extra=recipe))
+    prepared = PreparedDir(tmp_path / "prepared")
+    assert not prepared.vae.exists() and not prepared.is_prepared()  # no VAE cut short is left to reuse
+
+
+def test_the_small_vae_depends_on_its_seed_alone(tmp_path):
+    """Its initial weights and posterior draws come from vae.recipe.seed, not from the process's RNG."""
+    folder = make_image_folder(tmp_path / "images", corrupt=False, per_class=4)
+    recipe = ["vae.recipe.max_steps=2", "vae.recipe.batch_size=4", "vae.recipe.block_out_channels=[8,8]",
+              "vae.recipe.norm_num_groups=4", "vae.recipe.scale_samples=8"]
+    weights = []
+    for run, process_seed in enumerate([1, 2]):
+        torch.manual_seed(process_seed)
+        out = prepare_dataset(prepare_cfg(tmp_path / str(run), folder, vae="small_kl", extra=recipe))
+        weights.append(safetensors.torch.load_file(str(out / "vae" / "diffusion_pytorch_model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_shard_writers_of_two_ranks_use_distinct_files_and_merge(tmp_path):

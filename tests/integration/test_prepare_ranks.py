@@ -25,7 +25,7 @@ def _args(folder: Path, out: Path, log_dir: Path) -> list[str]:
         extra=[
             "encode.batch_size=8",
             "data.reference.extractor=clf",
-            "data.reference.classifier_seconds=3",
+            "data.reference.classifier_steps=20",
             f"hydra.run.dir={log_dir}",
         ],
     )

@@ -3,6 +3,7 @@ atomically, and always valid JSON: a non-finite value such as a NaN loss is writ
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -13,6 +14,9 @@ from ditlab.callbacks.sampling import SamplingCallback
 from ditlab.callbacks.throughput import Throughput
 from ditlab.runtime.files import write_json
 from ditlab.runtime.sweeps import job_overrides
+
+log = logging.getLogger("ditlab.train")
+
 
 
 class RunSummary(Callback):
@@ -34,7 +38,17 @@ class RunSummary(Callback):
 
     @rank_zero_only
     def on_train_end(self, trainer, pl_module):
-        self._write(trainer, pl_module, status="finished")
+        status = "finished"
+        if 0 < trainer.global_step < trainer.max_steps:
+            # Lightning stopped before max_steps (trainer.max_time, max_epochs): the run computed less
+            # than its config says, which metrics.json and the log's last line must not hide.
+            status = (
+                f"stopped early at step {trainer.global_step} of trainer.max_steps={trainer.max_steps} "
+                f"(trainer.max_time or trainer.max_epochs={trainer.max_epochs} came first)"
+            )
+        self._write(trainer, pl_module, status=status)
+        if status != "finished":
+            log.warning(f"ditlab.train: {status}; the results above are those of a shorter run")
 
     def _write(self, trainer, pl_module, status: str) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}

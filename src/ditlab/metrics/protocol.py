@@ -27,7 +27,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from ditlab.data.prepared import PreparedDir
 from ditlab.data.transforms import model_range_to_uint8
 from ditlab.diffusion import Guidance, Sampler
-from ditlab.inference import generate, sample_labels
+from ditlab.inference import CLASS_DRAWS, generate, sample_labels
 from ditlab.metrics.adm_reference import is_adm_reference, load_adm_reference
 from ditlab.metrics.fidelity import (
     EXTRACTORS,
@@ -55,7 +55,9 @@ class FIDProtocol:
     """Args:
     extractor: ``clf`` (the dataset classifier, offline: metrics named ``fid_clf``), ``inception``,
         or None (no FID).
-    num_samples: how many samples (uniform random classes).
+    num_samples: how many samples.
+    class_draw: how their classes are drawn: ``uniform`` (at random, ADM's and DiT's protocol) or
+        ``balanced`` (every class equally often: less spread between draws).
     sampler: None: the objective's fast solver (``Sampler.fast``).
     guidance: classifier-free guidance of the samples.
     seed: labels and per-sample noise.
@@ -74,6 +76,7 @@ class FIDProtocol:
 
     extractor: str | None = "clf"
     num_samples: int = 1000
+    class_draw: str = "uniform"
     sampler: Sampler | None = None
     guidance: Guidance = field(default_factory=Guidance)
     seed: int = 0
@@ -90,6 +93,8 @@ class FIDProtocol:
             raise ValueError(f"fid_protocol.num_samples={self.num_samples}; expected >= 2")
         if self.extractor is not None and self.extractor not in EXTRACTORS:
             raise ValueError(f"fid_protocol.extractor={self.extractor!r}; expected one of {tuple(EXTRACTORS)} or null")
+        if self.class_draw not in CLASS_DRAWS:
+            raise ValueError(f"fid_protocol.class_draw={self.class_draw!r}; expected one of {CLASS_DRAWS}")
         check_metrics(self.metrics)
         object.__setattr__(self, "metrics", tuple(self.metrics))
 
@@ -146,7 +151,7 @@ class FIDProtocol:
 
     def labels(self, num_classes: int) -> torch.Tensor:
         """The class of every sample 0..num_samples-1 (the same on every rank)."""
-        return sample_labels(num_classes, self.num_samples, self.seed)
+        return sample_labels(num_classes, self.num_samples, self.seed, self.class_draw)
 
     def generate(self, net, objective, codec, num_classes: int, labels, indices, latent_shape, device) -> torch.Tensor:
         """uint8 (n, C, H, W) images of the samples ``indices`` (their ``labels``) of a model with
@@ -198,6 +203,7 @@ class FIDProtocol:
             "extractor": self.extractor,
             "extractor_model": EXTRACTORS.get(self.extractor),
             "num_samples": self.num_samples,
+            "class_draw": self.class_draw,
             "seed": self.seed,
             "sampler": None if sampler is None else sampler_values(sampler),
             "sampler_text": "the objective's fast solver" if sampler is None else sampler.describe(),

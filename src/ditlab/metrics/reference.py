@@ -23,6 +23,10 @@ class ReferenceStats:
     image_size: int | None = None  # the real images' resolution (None: unknown, e.g. ADM's files)
     mu_s: np.ndarray | None = None  # Inception's spatial features (sFID): mean (2023,) ...
     sigma_s: np.ndarray | None = None  # ... and covariance (2023, 2023); None: not stored
+    # Held-out real images (the val split): (M, D) features and (M,) labels, from which the metric's
+    # floor at any sample count is measured (ditlab.metrics.floor); None: not stored
+    floor_features: np.ndarray | None = None
+    floor_labels: np.ndarray | None = None
 
     @classmethod
     def from_features(
@@ -52,6 +56,8 @@ class ReferenceStats:
             arrays["image_size"] = np.array(self.image_size)
         if self.mu_s is not None:
             arrays.update(mu_s=self.mu_s, sigma_s=self.sigma_s)
+        if self.floor_features is not None:
+            arrays.update(floor_features=self.floor_features, floor_labels=self.floor_labels)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
@@ -71,6 +77,8 @@ class ReferenceStats:
             stats = cls(data["mu"].astype(np.float64), data["sigma"].astype(np.float64), features, kind, size)
             if "mu_s" in data and "sigma_s" in data:
                 stats.mu_s, stats.sigma_s = data["mu_s"].astype(np.float64), data["sigma_s"].astype(np.float64)
+            if "floor_features" in data and "floor_labels" in data:
+                stats.floor_features, stats.floor_labels = data["floor_features"], data["floor_labels"]
         if extractor is not None and extractor != stats.extractor:
             raise ValueError(
                 f"{str(path)!r} holds {stats.extractor} statistics; expected {extractor} (extractor={extractor})"

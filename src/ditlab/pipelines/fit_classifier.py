@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ditlab.models.classifier import SmallClassifier, save_classifier
+from ditlab.runtime.errors import check_time_guard
 from ditlab.training.schedules import warmup_cosine_factor
 
 
@@ -17,8 +18,8 @@ def train_classifier(
     val_set,
     num_classes: int,
     out_dir: str | Path,
-    seconds: float = 120.0,
-    max_steps: int = 1_000_000,
+    max_steps: int,
+    seconds: float | None = None,
     batch_size: int = 128,
     lr: float = 2e-3,
     seed: int = 0,
@@ -26,8 +27,10 @@ def train_classifier(
     device="cpu",
     width: int = 16,
 ) -> tuple[SmallClassifier, dict]:
-    """Train on (image in [-1, 1], label, key) items with flips for ``max_steps`` (``seconds`` is a
-    guard), the lr decaying along a cosine to 0 at ``max_steps``; report val accuracy; save.
+    """Train on (image in [-1, 1], label, key) items with flips for ``max_steps``, the lr decaying
+    along a cosine to 0 at ``max_steps``; report val accuracy; save. ``seconds`` (None: none) is a
+    guard: reaching it first raises ``TimeGuardExceeded`` (a judge cut short would depend on the
+    machine's speed).
     Returns the trained model (eval mode, on the CPU) and its info (val accuracy, steps, seconds)."""
     torch.manual_seed(seed)
     channels = train_set[0][0].shape[0]
@@ -45,6 +48,7 @@ def train_classifier(
         generator=torch.Generator().manual_seed(seed),
     )
     start, step, done = time.time(), 0, False
+    log(f"training the dataset classifier for {max_steps} steps of {batch_size}")
     while not done:
         for x, y in loader:
             x, y = x.to(device), y.to(device)
@@ -56,9 +60,12 @@ def train_classifier(
             opt.step()
             sched.step()
             step += 1
-            if step >= max_steps or time.time() - start > seconds:
+            if step % 200 == 0:
+                log(f"  classifier step {step}/{max_steps}  loss {loss.item():.4f}  {time.time() - start:.0f} s")
+            if step >= max_steps:
                 done = True
                 break
+            check_time_guard("data.reference.classifier_seconds", seconds, start, step, max_steps)
     model.eval()
     correct = total = 0
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=500, collate_fn=_images_labels)

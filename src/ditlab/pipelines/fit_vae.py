@@ -11,7 +11,9 @@ import torch.nn.functional as F
 
 from ditlab.metrics.reconstruction import reconstruction_psnr
 from ditlab.models.vae import PretrainedVAE, small_autoencoder
+from ditlab.runtime.errors import check_time_guard
 from ditlab.runtime.files import atomic_path
+from ditlab.seeding import stream_seed
 from ditlab.training.schedules import warmup_cosine_factor, warmup_factor
 
 WARMUP_STEPS = 100
@@ -22,8 +24,13 @@ INFO_FILE = "ditlab_vae.json"  # beside the weights: scale factor, PSNR, the rec
 
 class SmallVAERecipe:
     """How ``prepare`` trains the small KL autoencoder on the dataset (L1 + kl_weight * KL, AdamW),
-    for ``max_steps`` (``train_seconds`` is only a guard), optionally with a cosine lr decay to 0 at
-    ``max_steps``; ``fit_or_load`` reuses an earlier result."""
+    for ``max_steps``, optionally with a cosine lr decay to 0 at ``max_steps``; ``fit_or_load`` reuses
+    an earlier result. Everything random (initial weights, data order, posterior draws) comes from
+    ``seed``, so the VAE does not depend on what ran before it in the process.
+
+    ``train_seconds`` (None: none) is a guard, never a budget: a fit that reaches it before
+    ``max_steps`` stops with ``TimeGuardExceeded`` instead of handing on a VAE cut short, whose
+    weights would depend on the machine's speed."""
 
     kind = "small_kl"
 
@@ -32,7 +39,7 @@ class SmallVAERecipe:
         latent_channels: int = 4,
         block_out_channels=(16, 32, 32),
         norm_num_groups: int = 8,
-        train_seconds: float = 150.0,
+        train_seconds: float | None = None,
         max_steps: int = 100_000,
         batch_size: int = 128,
         lr: float = 2e-3,
@@ -80,10 +87,13 @@ class SmallVAERecipe:
 
     def _fit(self, dataset, out_dir: Path, device: torch.device, log) -> None:
         first = dataset[0][0]
-        model = small_autoencoder(
-            first.shape[0], self.latent_channels, self.block_out_channels, self.norm_num_groups, first.shape[-1]
-        ).to(device)
-        generator = torch.Generator().manual_seed(self.seed)
+        with torch.random.fork_rng(devices=[]):  # the initial weights from the recipe's seed alone
+            torch.manual_seed(self.seed)
+            model = small_autoencoder(
+                first.shape[0], self.latent_channels, self.block_out_channels, self.norm_num_groups, first.shape[-1]
+            ).to(device)
+        generator = torch.Generator().manual_seed(self.seed)  # the data order
+        draws = torch.Generator(device=device).manual_seed(stream_seed(self.seed, "vae_posterior"))
         # drop_last with a batch no larger than the data, so that every pass yields batches
         loader = torch.utils.data.DataLoader(
             dataset,
@@ -103,12 +113,13 @@ class SmallVAERecipe:
         else:
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_factor(s, WARMUP_STEPS))
         start, step, done = time.time(), 0, False
-        log(f"training the small VAE for up to {self.train_seconds:.0f} s / {self.max_steps} steps")
+        guard = f" (guard: {self.train_seconds:.0f} s)" if self.train_seconds is not None else ""
+        log(f"training the small VAE for {self.max_steps} steps of {self.batch_size}{guard}")
         while not done:
             for images in loader:
                 images = images.to(device)
                 posterior = model.encode(images).latent_dist
-                recon = model.decode(posterior.sample(generator=None)).sample
+                recon = model.decode(posterior.sample(generator=draws)).sample
                 loss = F.l1_loss(recon, images) + self.kl_weight * posterior.kl().mean() / images[0].numel()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -116,10 +127,11 @@ class SmallVAERecipe:
                 sched.step()
                 step += 1
                 if step % 200 == 0:
-                    log(f"  vae step {step}  l1+kl {loss.item():.4f}  {time.time() - start:.0f} s")
-                if step >= self.max_steps or time.time() - start >= self.train_seconds:
+                    log(f"  vae step {step}/{self.max_steps}  l1+kl {loss.item():.4f}  {time.time() - start:.0f} s")
+                if step >= self.max_steps:
                     done = True
                     break
+                check_time_guard("vae.recipe.train_seconds", self.train_seconds, start, step, self.max_steps)
         model.eval()
         scale = self._scale_factor(model, dataset, device)
         psnr = reconstruction_psnr(model, dataset, device)

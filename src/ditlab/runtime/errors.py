@@ -13,6 +13,7 @@ import io
 import re
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +26,24 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 CONF_DIR = str(Path(__file__).parents[1] / "conf")
 BAD_INPUT_EXIT = 2
 INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
+
+
+TIME_GUARD_EXIT = 6
+
+
+class TimeGuardExceeded(RuntimeError):
+    """A stage sized in steps reached its time guard first. Stopping it there would hand on a result
+    that depends on the machine's speed (a VAE or classifier cut short), so the guard is an error."""
+
+
+def check_time_guard(option: str, seconds: float | None, start: float, step: int, max_steps: int) -> None:
+    """Raise ``TimeGuardExceeded`` when ``seconds`` (None: no guard) have passed since ``start``
+    before ``max_steps`` steps were done."""
+    if seconds is not None and step < max_steps and time.time() - start >= seconds:
+        raise TimeGuardExceeded(
+            f"{option}={seconds:g} reached at step {step} of {max_steps}; a stage cut short would make the "
+            f"result depend on this machine's speed: expected {option}=null (no guard) or a larger value"
+        )
 
 
 def fail(prog: str, message: str, code: int = BAD_INPUT_EXIT, remove_run_dir: bool = True):
@@ -130,7 +149,10 @@ def hydra_command(prog: str, config_name: str):
         def composed(cfg):
             if "stderr" in real_stderr:  # composition succeeded: our own messages go to the terminal
                 sys.stderr = real_stderr.pop("stderr")
-            return task(cfg)
+            try:
+                return task(cfg)
+            except TimeGuardExceeded as err:  # any command's stage (prepare's VAE or classifier, ...)
+                fail(prog, str(err), code=TIME_GUARD_EXIT, remove_run_dir=False)
 
         hydra_main = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(composed)
 

@@ -51,6 +51,10 @@ def test_fid_callback_logs_its_metric_in_a_training_run(trained_run):
     assert metrics["val/fid_clf_se"] > 0 and metrics["val/fid_clf_ci_low"] < metrics["val/fid_clf_ci_high"]
     assert "val/fid_clf_inf" in summary["metrics"] and summary["fid_protocol"]["uncertainty"]["resamples"] == 100
     assert summary["weights_used"] == {"SampleGrid": "ema", "FIDCallback": "ema"}
+    # the metric's floor (held-out real images at the same N) beside it, and both in the headline
+    assert summary["metrics"]["val/fid_clf_floor"] > 0 and summary["metrics"]["val/fid_clf_floor_sd"] > 0
+    assert summary["headline"][0].startswith(f"final fid_clf {metrics['val/fid_clf']:.3f} (se ")
+    assert "floor at the same N" in summary["headline"][0]
 
 
 @pytest.fixture

@@ -6,7 +6,9 @@ the classifier, ``val/sample_accuracy_clf`` and the classifier's own accuracy on
 images, ``val/classifier_accuracy_clf``; with ``fid_protocol.also_unguided`` the same without guidance
 (``val/fid_clf_unguided``, ...). Beside each number its se and confidence interval from the samples
 (``val/fid_clf_se``, ``val/fid_clf_ci_low``, ``val/fid_clf_ci_high``) and the extrapolated FID
-(``val/fid_clf_inf``): ``fid_protocol.uncertainty``, ``ditlab.metrics.uncertainty``.
+(``val/fid_clf_inf``): ``fid_protocol.uncertainty``, ``ditlab.metrics.uncertainty``. And the metric's
+floor at the same sample count and class draw, held-out real images scored against the same
+reference (``val/fid_clf_floor``, ``val/fid_clf_floor_sd``: ``ditlab.metrics.floor``).
 
 The protocol behind the numbers (``FIDProtocol.describe`` with the reference's and the extractor
 weights' sha256, the library versions and which weights were sampled) is logged once per run: to the
@@ -41,6 +43,7 @@ class FIDCallback(SamplingCallback):
         self.protocol = protocol
         self.enabled = protocol.extractor is not None
         self._reference = self._extractor = None
+        self._floor: dict[str, float] = {}  # the metric's floor at this protocol's N (held-out real images)
         self.classifier_accuracy: float | None = None
         self.last: dict[str, float] = {}
         self.record: dict | None = None  # the protocol as measured (describe), once the first FID ran
@@ -86,6 +89,7 @@ class FIDCallback(SamplingCallback):
         prepared, protocol = trainer.datamodule.prepared, self.protocol
         self._extractor = protocol.make_extractor(prepared, pl_module.device)
         self._reference = protocol.load_reference(prepared, self._extractor)
+        self._floor = protocol.floor(prepared)
         if not trainer.is_global_zero:
             return
         for name, reason in protocol.unavailable(self._reference).items():
@@ -103,6 +107,7 @@ class FIDCallback(SamplingCallback):
         for suffix, variant in self.protocol.variants():
             measured = self.measure(variant, trainer, pl_module, suffix)
             results.update({f"val/{name}": value for name, value in measured.items()})
+        results.update({f"val/{name}": value for name, value in self._floor.items()})
         if self.classifier_accuracy is not None:
             results["val/classifier_accuracy_clf"] = float(self.classifier_accuracy)
         results["val/fid_seconds"] = time.time() - start

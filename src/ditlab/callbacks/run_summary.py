@@ -46,11 +46,13 @@ class RunSummary(Callback):
                 f"stopped early at step {trainer.global_step} of trainer.max_steps={trainer.max_steps} "
                 f"(trainer.max_time or trainer.max_epochs={trainer.max_epochs} came first)"
             )
-        self._write(trainer, pl_module, status=status)
+        summary = self._write(trainer, pl_module, status=status)
+        for line in headline(summary["metrics"]):
+            log.info(line)
         if status != "finished":
             log.warning(f"ditlab.train: {status}; the results above are those of a shorter run")
 
-    def _write(self, trainer, pl_module, status: str) -> None:
+    def _write(self, trainer, pl_module, status: str) -> dict:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
         summary = {
             "global_step": trainer.global_step,
@@ -75,4 +77,31 @@ class RunSummary(Callback):
         for cb in trainer.callbacks:
             if isinstance(cb, Throughput):
                 summary["images_seen"] = cb.images_seen
+        summary["headline"] = headline(metrics)
         write_json(self.path, summary)
+        return summary
+
+
+def headline(metrics: dict[str, float]) -> list[str]:
+    """The final FID-type numbers in words, with their intervals and the metric's floor: the run's
+    last log lines and metrics.json's ``headline``."""
+    lines = []
+    for name in ("fid", "fid_clf"):
+        value = metrics.get(f"val/{name}")
+        if value is None:
+            continue
+        text = f"final {name} {value:.3f}"
+        if f"val/{name}_se" in metrics:
+            low, high = metrics[f"val/{name}_ci_low"], metrics[f"val/{name}_ci_high"]
+            text += f" (se {metrics[f'val/{name}_se']:.3f}; interval [{low:.3f}, {high:.3f}])"
+        if f"val/{name}_floor" in metrics:
+            floor, spread = metrics[f"val/{name}_floor"], metrics[f"val/{name}_floor_sd"]
+            text += f"; floor at the same N: {floor:.3f} (sd {spread:.3f}), real held-out images"
+        lines.append(text)
+    suffix = "_clf"
+    if f"val/sample_accuracy{suffix}" in metrics:
+        text = f"sample accuracy {metrics[f'val/sample_accuracy{suffix}']:.3f}"
+        if f"val/classifier_accuracy{suffix}" in metrics:
+            text += f" (the classifier on real images: {metrics[f'val/classifier_accuracy{suffix}']:.3f})"
+        lines.append(text)
+    return lines

@@ -34,9 +34,11 @@ from ditlab.metrics.fidelity import (
     Extractor,
     check_metrics,
     compute_metrics,
+    metric_suffix,
     reference_parts,
     unavailable_metrics,
 )
+from ditlab.metrics.floor import fid_floor
 from ditlab.metrics.provenance import guidance_values, library_versions, sampler_values, sha256_of
 from ditlab.metrics.reference import ReferenceStats
 from ditlab.metrics.reference_side import ReferenceSide, adm_reference_side, ditlab_reference_side
@@ -182,6 +184,20 @@ class FIDProtocol:
         return compute_metrics(
             features, reference, self.metrics, self.kid_subset_size, labels, self.uncertainty, variant, str(device)
         )
+
+    def floor(self, prepared: PreparedDir) -> dict[str, float]:
+        """The FID of held-out real images at this protocol's sample count and class draw
+        (``ditlab.metrics.floor``): ``{"fid_clf_floor": mean, "fid_clf_floor_sd": sd}`` over draws;
+        empty for a reference without held-out features (an ADM batch, or statistics prepared before
+        ditlab stored them)."""
+        path = self.reference_path(prepared)
+        if "fid" not in self.metrics or is_adm_reference(path):
+            return {}
+        floor = fid_floor(ReferenceStats.load(path, self.extractor), self.num_samples, self.class_draw, seed=self.seed)
+        if not floor:
+            return {}
+        name = "fid" + metric_suffix(self.extractor)
+        return {f"{name}_floor": floor["mean"], f"{name}_floor_sd": floor["sd"]}
 
     def unavailable(self, reference: ReferenceSide) -> dict[str, str]:
         """The metric names this protocol asks for that ``reference`` cannot give, with the reasons."""

@@ -95,8 +95,10 @@ def generate(
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Samples for ``labels`` (N,), sample ``indices`` (N,) naming their noise streams.
+    ``on_batch(done, total)`` is called after each batch (progress lines of a long measurement).
 
     Returns decoded images (N, C, H, W) float in [-1, 1] on the CPU, or the latents when ``codec``
     is None. On CUDA the network runs under bf16 autocast (the weights stay as they are).
@@ -116,6 +118,8 @@ def generate(
             )
             out = latents.float() if codec is None else codec.decode(latents.float()).float().clamp(-1, 1)
         outputs.append(out.cpu())
+        if on_batch is not None:
+            on_batch(sum(len(o) for o in outputs), len(labels))
     return torch.cat(outputs) if outputs else torch.empty(0, *latent_shape)
 
 

@@ -130,8 +130,14 @@ class FIDCallback(SamplingCallback):
         labels = torch.cat([labels, labels.new_zeros(padded - protocol.num_samples)])[mine]  # padding: dropped below
         net = self.sampling_net(pl_module)
         codec = self.codec(trainer, pl_module)
+        start = time.time()
+
+        def progress(done: int, total: int) -> None:  # a line a batch on rank 0 (a long final FID is minutes)
+            if trainer.is_global_zero and total > protocol.batch_size:
+                log.info(f"FID samples {done * world}/{protocol.num_samples} ({time.time() - start:.0f} s)")
+
         images = protocol.generate(
-            net, pl_module.objective, codec, dm.num_classes, labels, mine, dm.latent_shape, device
+            net, pl_module.objective, codec, dm.num_classes, labels, mine, dm.latent_shape, device, progress
         )
         local = {**self._extractor(images), "labels": labels}  # uint8 (n, C, H, W) in
         if world > 1:

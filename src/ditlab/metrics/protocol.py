@@ -155,9 +155,11 @@ class FIDProtocol:
         """The class of every sample 0..num_samples-1 (the same on every rank)."""
         return sample_labels(num_classes, self.num_samples, self.seed, self.class_draw)
 
-    def generate(self, net, objective, codec, num_classes: int, labels, indices, latent_shape, device) -> torch.Tensor:
+    def generate(
+        self, net, objective, codec, num_classes: int, labels, indices, latent_shape, device, on_batch=None
+    ) -> torch.Tensor:
         """uint8 (n, C, H, W) images of the samples ``indices`` (their ``labels``) of a model with
-        ``num_classes`` classes (its null label)."""
+        ``num_classes`` classes (its null label); ``on_batch(done, total)`` after each batch."""
         images = generate(
             net,
             objective,
@@ -171,6 +173,7 @@ class FIDProtocol:
             seed=self.seed,
             batch_size=self.batch_size,
             device=device,
+            on_batch=on_batch,
         )
         return model_range_to_uint8(images).permute(0, 3, 1, 2)
 

@@ -206,7 +206,8 @@ def base_metric(name: str) -> str:
 def fid_bootstrap(features: np.ndarray, reference: Gaussian, counts: torch.Tensor, device="cpu") -> torch.Tensor:
     """(B,) FID of each resample (``counts`` (B, N)) of the (N, D) features against ``reference``."""
     x = torch.as_tensor(np.asarray(features), dtype=torch.float64, device=device)
-    return frechet_distances_to_reference(x, counts.to(device), reference.mu, reference.sigma).cpu()
+    distances = frechet_distances_to_reference(x, counts.to(device), reference.mu, reference.sigma, root=reference.root)
+    return distances.cpu()
 
 
 def inception_score_bootstrap(logits: np.ndarray, indices: torch.Tensor, split_size: int) -> torch.Tensor:

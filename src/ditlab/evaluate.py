@@ -257,7 +257,7 @@ def print_entry(entry: dict, out: Path) -> None:
     shown = [name for name in metrics if not derived_name(name)]
     width = max(len(k) for k in [*shown, *entry["skipped"], "metric"])
     level = entry["protocol"].get("uncertainty", {}).get("level")
-    print(f"{'metric':<{width}}  value" + (f"       se  {level:.0%} interval" if level else ""))
+    print(f"{'metric':<{width}}  " + (f"{'value':<10}  {'se':<6}  {level:.0%} interval" if level else "value"))
     for name in shown:
         line = f"{name:<{width}}  {metrics[name]:<10.6g}"
         if f"{name}_se" in metrics:

@@ -141,7 +141,8 @@ def test_ditlab_command_runs_help_for_every_subcommand(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["trian"])
     assert exit_.value.code == 2 and capsys.readouterr().err.strip() == (
-        "ditlab: error: unknown command 'trian'; expected one of prepare, train, sample, evaluate, bench, export"
+        "ditlab: error: unknown command 'trian'; expected one of "
+        "prepare, train, sample, evaluate, bench, export, report"
     )
     for name in COMMANDS:
         GlobalHydra.instance().clear()

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch_fidelity.metric_kid import mmd2
 
+from ditlab.metrics import uncertainty
 from ditlab.metrics.definitions import Gaussian, precision_recall
 from ditlab.metrics.fidelity import compute_metrics, kernel_inception_distance
 from ditlab.metrics.frechet import frechet_distance
@@ -23,6 +24,7 @@ from ditlab.metrics.uncertainty import (
     half_sample_se,
     half_samples,
     kid_halves,
+    recall_halves,
 )
 
 pytestmark = pytest.mark.unit
@@ -126,6 +128,23 @@ def test_kid_half_samples_are_the_unbiased_mmd_and_their_se_its_spread():
         full.append(float(kid_halves(x, reference, torch.arange(100)[None])[0]))
         ses.append(half_sample_se(kid_halves(x, reference, half_samples(100, 50, seed=i))))
     assert np.mean(ses) == pytest.approx(np.std(full), rel=0.4)
+
+
+@pytest.mark.parametrize("neighbours", [64, 4], ids=["nearest-neighbour lists", "exact fallback"])
+def test_half_sample_values_are_the_metrics_of_the_halves(monkeypatch, neighbours):
+    """A half's recall is ADM's recall of the half's samples (whether its radii come from the
+    nearest-neighbour lists or, when those are too short, exactly); a half's KID term is the full-set
+    value of the half alone."""
+    monkeypatch.setattr(uncertainty, "NEIGHBOURS", neighbours)
+    rng = np.random.default_rng(8)
+    reference, samples = rng.standard_normal((70, 3)), 0.4 + rng.standard_normal((60, 3))
+    halves = half_samples(60, 6, seed=0)
+    recalls = recall_halves(samples, reference, halves, k=3)
+    expected = [precision_recall(reference, samples[h.numpy()])[1] for h in halves]
+    assert recalls.tolist() == expected and len(set(expected)) > 1
+    kids = kid_halves(samples, reference, halves)
+    alone = [float(kid_halves(samples[h.numpy()], reference, torch.arange(30)[None])[0]) for h in halves]
+    assert kids.tolist() == pytest.approx(alone, rel=1e-12)
 
 
 def test_names_and_settings():

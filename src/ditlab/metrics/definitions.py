@@ -20,11 +20,12 @@ through a non-symmetric matrix square root.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
 
-from ditlab.metrics.frechet import frechet_distance
+from ditlab.metrics.frechet import frechet_distance, psd_sqrt
 
 IS_SPLIT_SIZE = 5000  # ADM's compute_inception_score(split_size=5000): 10 splits for 50K samples
 PR_NEIGHBOURHOOD = 3  # ADM's ManifoldEstimator(nhood_sizes=(3,))
@@ -48,6 +49,11 @@ class Gaussian:
 
     def distance(self, other: Gaussian) -> float:
         return frechet_distance(self.mu, self.sigma, other.mu, other.sigma)
+
+    @cached_property
+    def root(self) -> np.ndarray:
+        """sigma^{1/2}, computed once: a reference's, for every resample and every measurement of a run."""
+        return psd_sqrt(self.sigma)
 
 
 def inception_score(logits: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> float:

@@ -65,7 +65,7 @@ def validated_gaussian(mu, sigma, which: str = "") -> tuple[np.ndarray, np.ndarr
 
 
 def frechet_distances_to_reference(
-    features: torch.Tensor, weights: torch.Tensor, mu_ref, sigma_ref, chunk_elements: int = 1 << 25
+    features: torch.Tensor, weights: torch.Tensor, mu_ref, sigma_ref, chunk_elements: int = 1 << 25, root=None
 ) -> torch.Tensor:
     """Squared Fréchet distances of B weighted sets of the rows of ``features`` against one fixed
     N(mu_ref, sigma_ref): row b of ``weights`` (B, N) counts how often each feature vector is in set b
@@ -73,8 +73,9 @@ def frechet_distances_to_reference(
     its mean and covariance with ddof 1, as ``Gaussian.of`` of the repeated rows would give. (B,) float64,
     on ``features``' device.
 
-    The reference's square root R = sigma_ref^{1/2} is taken once; then tr(sqrt(S_b sigma_ref)) is the
-    sum of sqrt(eig(R S_b R)), the same symmetric PSD route as ``trace_sqrt_product``. R S_b R is the
+    The reference's square root R = sigma_ref^{1/2} is taken once (or handed over as ``root``); then
+    tr(sqrt(S_b sigma_ref)) is the sum of sqrt(eig(R S_b R)), the same symmetric PSD route as
+    ``trace_sqrt_product``. R S_b R is the
     weighted covariance of Y = X R; its non-zero eigenvalues are computed from whichever is smaller:
     the D x D matrix, or the N x N weighted Gram matrix of the centred Y (the same non-zero eigenvalues,
     C^T C against C C^T), whose uncentred part Y Y^T is computed once for all sets."""
@@ -87,7 +88,7 @@ def frechet_distances_to_reference(
             "(B, N) and (D,)"
         )
     sigma_ref = np.asarray(sigma_ref, dtype=np.float64)
-    root = torch.as_tensor(psd_sqrt(sigma_ref), device=x.device)  # (D, D)
+    root = torch.as_tensor(psd_sqrt(sigma_ref) if root is None else root, device=x.device)  # (D, D)
     n = w.sum(1)  # (B,)
     if bool((n < 2).any()):
         raise ValueError("a weighted set holds fewer than 2 samples; expected >= 2 for a covariance")
@@ -104,10 +105,14 @@ def frechet_distances_to_reference(
         wc, nc, mc = w[start : start + step], n[start : start + step], mean[start : start + step] @ root
         if gram is None:  # D x D: sum_i w_i y_i y_i^T - n m m^T
             inner = weighted_outer_sums(y, wc, chunk_elements) - nc[:, None, None] * mc[:, :, None] * mc[:, None, :]
-        else:  # N x N: sqrt(w) (Y - m)(Y - m)^T sqrt(w), from Y Y^T
-            cross = mc @ y.T  # (b, N): y_i . m
-            centred = gram - cross[:, :, None] - cross[:, None, :] + mc.square().sum(1)[:, None, None]
-            scale = wc.sqrt()
+        else:  # N x N, over the rows a set holds (a resample: ~63%): sqrt(w) (Y - m)(Y - m)^T sqrt(w)
+            held = (wc > 0).to(torch.int8)
+            rows = held.argsort(dim=1, descending=True, stable=True)[:, : int(held.sum(1).max())]  # (b, h)
+            wk = wc.gather(1, rows)  # (b, h); 0 where a set holds fewer rows than h
+            cross = (mc @ y.T).gather(1, rows)  # (b, h): y_i . m
+            centred = gram[rows[:, :, None], rows[:, None, :]] - cross[:, :, None] - cross[:, None, :]
+            centred = centred + mc.square().sum(1)[:, None, None]
+            scale = wk.sqrt()
             inner = scale[:, :, None] * centred * scale[:, None, :]
         inner = (inner + inner.transpose(1, 2)) / (2 * (nc - 1)[:, None, None])
         roots[start : start + step] = torch.linalg.eigvalsh(inner).clamp_min(0).sqrt().sum(1)

@@ -58,6 +58,7 @@ from ditlab.metrics.reference_side import ReferenceSide
 DERIVED = ("se", "ci_low", "ci_high")  # the names beside a metric: fid_clf_se, fid_clf_ci_low, fid_clf_ci_high
 EXTRAPOLATED = "inf"  # fid_inf, fid_clf_inf: Chong & Forsyth's N -> infinity FID
 CHUNK_ELEMENTS = 1 << 25  # elements of the largest temporary a chunk of half-samples makes
+NEIGHBOURS = 64  # recall halves: each point's nearest neighbours searched for its radius within a half
 HALF_SAMPLE_CAP = 5000  # recall / KID half-samples: at most this many samples (memory: a cap x cap matrix)
 FID_INF_SIZES = 15  # Chong & Forsyth: 15 subset sizes ...
 FID_INF_SMALLEST = 0.2  # ... from N / 5 to N
@@ -205,7 +206,8 @@ def base_metric(name: str) -> str:
 def fid_bootstrap(features: np.ndarray, reference: Gaussian, counts: torch.Tensor, device="cpu") -> torch.Tensor:
     """(B,) FID of each resample (``counts`` (B, N)) of the (N, D) features against ``reference``."""
     x = torch.as_tensor(np.asarray(features), dtype=torch.float64, device=device)
-    return frechet_distances_to_reference(x, counts.to(device), reference.mu, reference.sigma).cpu()
+    distances = frechet_distances_to_reference(x, counts.to(device), reference.mu, reference.sigma, root=reference.root)
+    return distances.cpu()
 
 
 def inception_score_bootstrap(logits: np.ndarray, indices: torch.Tensor, split_size: int) -> torch.Tensor:
@@ -237,17 +239,30 @@ def capped(count: int, seed: int) -> tuple[torch.Tensor, float]:
 
 def recall_halves(samples: np.ndarray, reference: np.ndarray, halves: torch.Tensor, k: int, device="cpu"):
     """(B,) recall of each half-sample (``halves`` (B, m) rows of ``samples``): the fraction of the (R, D)
-    reference points within the k-NN radius (within the half, itself included: ADM's) of a sample."""
+    reference points within the k-NN radius (within the half, itself included: ADM's) of a sample.
+
+    A point's radius within a half is the distance to the (k+1)-th point of its nearest-neighbour list
+    (over all N, itself first) that the half holds: found among its ``NEIGHBOURS`` nearest (a half holds
+    fewer than k + 1 of them with probability ~1e-14), else computed exactly."""
     # float32 distances: an se needs no more, and a 5000 x 10000 matrix then takes 200 MB
     smp = torch.as_tensor(np.asarray(samples), dtype=torch.float32, device=device)  # (N, D)
     ref = torch.as_tensor(np.asarray(reference), dtype=torch.float32, device=device)  # (R, D)
     within = torch.cdist(smp, smp).square()  # (N, N)
     across = torch.cdist(ref, smp).square()  # (R, N)
+    near_dist, near = within.topk(min(NEIGHBOURS, len(smp)), dim=1, largest=False)  # (N, L) ascending
     halves = halves.to(device)
-    size = halves.shape[1]
+    count, size = len(smp), halves.shape[1]
     values = []
-    for chunk in halves.split(max(1, CHUNK_ELEMENTS // (size * max(size, len(ref))))):  # (b, m)
-        radii = within[chunk[:, :, None], chunk[:, None, :]].kthvalue(k + 1, dim=2).values  # (b, m)
+    for chunk in halves.split(max(1, CHUNK_ELEMENTS // (count * near.shape[1] + size * len(ref)))):  # (b, m)
+        member = torch.zeros(len(chunk), count, dtype=torch.bool, device=device).scatter_(1, chunk, True)
+        held = member[:, near].cumsum(dim=2)  # (b, N, L): how many of each point's nearest the half holds
+        position = (held >= k + 1).byte().argmax(dim=2)  # (b, N): where the (k+1)-th of them is
+        radii = near_dist.expand(len(chunk), -1, -1).gather(2, position[:, :, None])[:, :, 0]  # (b, N)
+        radii = radii.gather(1, chunk)  # (b, m): the half's points' radii
+        short = held[:, :, -1].gather(1, chunk) < k + 1  # (b, m): more than L neighbours needed
+        if bool(short.any()):
+            exact = within[chunk[:, :, None], chunk[:, None, :]].kthvalue(k + 1, dim=2).values
+            radii = torch.where(short, exact, radii)
         inside = (across[:, chunk] <= radii[None]).any(dim=2)  # (R, b)
         values.append(inside.double().mean(dim=0))
     return torch.cat(values).cpu()
@@ -258,16 +273,14 @@ def kid_halves(samples: np.ndarray, reference: np.ndarray, halves: torch.Tensor,
     k(x, y) = (x . y / D + 1)^3, without the reference-reference term (the same for every half)."""
     smp = torch.as_tensor(np.asarray(samples), dtype=torch.float64, device=device)  # (N, D)
     ref = torch.as_tensor(np.asarray(reference), dtype=torch.float64, device=device)  # (R, D)
-    dim = smp.shape[1]
+    dim, size = smp.shape[1], halves.shape[1]
     within = (smp @ smp.T / dim + 1) ** 3  # (N, N)
-    to_reference = ((smp @ ref.T / dim + 1) ** 3).mean(dim=1)  # (N,) mean kernel to the reference
-    halves = halves.to(device)
-    size = halves.shape[1]
-    values = []
-    for chunk in halves.split(max(1, CHUNK_ELEMENTS // (size * size))):  # (b, m)
-        pairs = within[chunk[:, :, None], chunk[:, None, :]].sum(dim=(1, 2)) - within.diagonal()[chunk].sum(dim=1)
-        values.append(pairs / (size * (size - 1)) - 2 * to_reference[chunk].mean(dim=1))
-    return torch.cat(values).cpu()
+    rows = max(1, CHUNK_ELEMENTS // len(ref))
+    to_reference = torch.cat([((block @ ref.T / dim + 1) ** 3).mean(dim=1) for block in smp.split(rows)])  # (N,)
+    member = torch.zeros(len(smp), len(halves), dtype=torch.float64, device=device)  # (N, B): 0/1
+    member.scatter_(0, halves.T.to(device), 1.0)
+    pairs = (member * (within @ member)).sum(dim=0) - within.diagonal() @ member  # (B,) sum over i != j
+    return (pairs / (size * (size - 1)) - 2 * (to_reference @ member) / size).cpu()
 
 
 def fid_inf(features: np.ndarray, reference: Gaussian, seed: int, device="cpu") -> float:

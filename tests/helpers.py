@@ -111,6 +111,7 @@ def tiny_overrides(prepared, root, steps=4, extra=()):
         f"paths.root_dir={root}",
         "prepare_if_missing=false",
         "callbacks.throughput.window_steps=2",
+        "fid_protocol.num_samples=12",  # where the data holds reference statistics: not the default 1000
         *extra,
     ]
 

@@ -1,9 +1,9 @@
 """Every command turns bad input into one line ``ditlab.<command>: error: <bad value>; expected ...``,
 a non-zero exit, and writes nothing (no run dir, no output file).
 
-Most cases call the command's entry point in this process (a subprocess costs seconds each); two
-run as real subprocesses to show the terminal gets exactly one line, and that more devices than
-exist fail fast instead of spawning processes.
+Most cases call the command's entry point in this process (a subprocess costs seconds each); one
+runs as a real subprocess to show the terminal gets exactly one line and that more devices than
+exist fail fast instead of spawning processes (and, in `make test-slow`, an unknown model option).
 """
 
 from __future__ import annotations
@@ -232,7 +232,11 @@ def test_inputs_were_not_modified(inputs):
 @pytest.mark.parametrize(
     "extra, expected",
     [
-        (["model=dit_q2"], "ditlab.train: error: model=dit_q2: Could not find 'model/dit_q2'; expected one of"),
+        pytest.param(  # in `make test` in this process (unknown_model_in_process): the fresh one, slow
+            ["model=dit_q2"],
+            "ditlab.train: error: model=dit_q2: Could not find 'model/dit_q2'; expected one of",
+            marks=pytest.mark.slow,
+        ),
         (
             ["trainer.devices=64", "trainer.strategy=ddp"],
             "ditlab.train: error: trainer.devices=64 but this machine has",

@@ -5,7 +5,8 @@ import torch
 
 from ditlab.models.dit import DiT, build_dit
 from ditlab.train import ConfigError, build, train
-from helpers import compose_run, randomised, run_cli, tiny_overrides
+from ditlab.train import main as train_main
+from helpers import compose_run, invoke_main, randomised, tiny_overrides
 
 
 def official_s2(path, input_size=16):
@@ -84,12 +85,15 @@ def test_finetune_freezes_by_pattern_and_reads_ditlab_and_diffusers_weights(prep
         build(compose_run(prepared, tmp_path / "z", extra=["finetune.freeze=[blocks.*.atn.*]"]))
 
 
-def test_a_misfit_is_one_line_before_training(prepared, tmp_path):
+def test_a_misfit_is_one_line_before_training(prepared, tmp_path, monkeypatch, capsys):
     official_s2(tmp_path / "DiT-S-2.pt")
-    # dit_tiny (hidden 64) cannot take DiT-S/2 weights (hidden 384)
-    result = run_cli(tiny_overrides(prepared, tmp_path, extra=[f"init_from={tmp_path / 'DiT-S-2.pt'}"]), cwd=tmp_path)
-    assert result.returncode == 2
-    last = result.stderr.strip().splitlines()[-1]
+    # dit_tiny (hidden 64) cannot take DiT-S/2 weights (hidden 384): `python -m ditlab.train` (its main
+    # in this process, a fresh one costs seconds of imports) says so in one line, exit 2
+    monkeypatch.chdir(tmp_path)
+    args = tiny_overrides(prepared, tmp_path, extra=[f"init_from={tmp_path / 'DiT-S-2.pt'}"])
+    code, _, err = invoke_main(train_main, "ditlab.train", args, monkeypatch, capsys)
+    assert code == 2
+    last = err.strip().splitlines()[-1]
     assert last.startswith(
         f"ditlab.train: error: init_from='{tmp_path / 'DiT-S-2.pt'}' has hidden size 384, the model config 64"
     )

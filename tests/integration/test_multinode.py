@@ -238,6 +238,7 @@ def test_non_logging_steps_run_no_collective_but_the_gradients(torchrun_run):
         assert sum(batches[1]["calls"].values()) > 0 and batches[1]["calls"].get("all_reduce", 0) >= 1
 
 
+@pytest.mark.slow  # the preempted srun tasks below end equal to the one-node run and complete too
 def test_two_srun_tasks_train_to_the_one_node_weights(space, torchrun_run, one_node_run):
     root, images, prepared = space
     port = free_port(15000, 24999)
@@ -280,8 +281,13 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(space, one_no
     finish([srun_task(r, f"79{port - 15000:04d}", args, root, logs[r]) for r in (0, 1)], logs)
     assert_same_state(checkpoints / "last.ckpt", one_node_run[0] / "checkpoints" / "last.ckpt")
     assert not list(checkpoints.glob("last-v*.ckpt"))  # the resumed run went on in last.ckpt itself
+    # what an uninterrupted srun run leaves (test_two_srun_tasks_..., in make test-slow): one run dir
+    # of rank 0's checkpoints, one grid, one FID, both ranks' images counted
+    assert_one_complete_run(checkpoints.parent)
+    assert "2 processes (2 nodes x 1) started by SLURMEnvironment" in (checkpoints.parent / "train.log").read_text()
 
 
+@pytest.mark.slow  # one torchrun node x 2 processes: test_sample_torchrun.py, in make test
 def test_sample_under_two_torchrun_nodes_writes_what_one_process_writes(space, one_node_run):
     root = space[0]
     ckpt = one_node_run[0] / "checkpoints" / "last.ckpt"

@@ -8,17 +8,25 @@ import json
 import pytest
 import torch
 
+from ditlab.runtime import faults
 from ditlab.runtime.preemption import PREEMPTED_EXIT, Preempted
-from helpers import STEPS, assert_same_state, compose_fault_run, train_cli, train_in_process
+from ditlab.train import main as train_main
+from helpers import STEPS, assert_same_state, compose_fault_run, fault_overrides, invoke_main, train_in_process
 
 
-def test_sigterm_checkpoints_exits_preempted_and_resumes_exactly(prepared, reference, tmp_path):
+def test_sigterm_checkpoints_exits_preempted_and_resumes_exactly(prepared, reference, tmp_path, monkeypatch, capsys):
+    """``python -m ditlab.train`` (its main in this process: a fresh one costs seconds of imports, and
+    test_multinode's preempted srun tasks exit 75 as processes)."""
     out = tmp_path / "run"
     # The process sends itself SIGTERM at the end of step 2 (as a scheduler would, between two step
     # boundaries): the run stops at the next boundary, step 3, which is not a checkpoint step.
-    result = train_cli(prepared, out, DITLAB_FAULT="step@2:sigterm")
-    assert result.returncode == PREEMPTED_EXIT, result.stderr[-2000:]
-    last_line = result.stderr.strip().splitlines()[-1]
+    monkeypatch.setenv("DITLAB_FAULT", "step@2:sigterm")
+    faults.reset()
+    args = [*fault_overrides(prepared, tmp_path), f"hydra.run.dir={out}"]
+    code, _, err = invoke_main(train_main, "ditlab.train", args, monkeypatch, capsys)
+    monkeypatch.delenv("DITLAB_FAULT")
+    assert code == PREEMPTED_EXIT, err[-2000:]
+    last_line = err.strip().splitlines()[-1]
     assert last_line.startswith("ditlab.train: preempted by SIGTERM at step 3; checkpoint ")
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 3

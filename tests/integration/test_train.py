@@ -10,7 +10,8 @@ from lightning import Callback, Trainer
 
 from ditlab.models.dit import DiT
 from ditlab.train import ConfigError, build, build_module, train
-from helpers import compose_cfg, compose_run, run_cli, tiny_overrides
+from ditlab.train import main as train_main
+from helpers import compose_cfg, compose_run, invoke_main, tiny_overrides
 
 
 def test_few_step_run_writes_checkpoint_grid_logs_and_metrics(prepared, tmp_path):
@@ -38,9 +39,12 @@ def test_bad_configs_fail_before_training(prepared, tmp_path):
         build(compose_run(prepared, tmp_path / "r", extra=["diffusion=flow", "sampler=dpmpp20"]))
 
 
-def test_multirun_sweep_gives_one_dir_per_job(prepared, tmp_path):
-    result = run_cli(["-m", *tiny_overrides(prepared, tmp_path, steps=2), "optim.optimizer.lr=1e-4,2e-4"], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_multirun_sweep_gives_one_dir_per_job(prepared, tmp_path, monkeypatch, capsys):
+    """``python -m ditlab.train -m ...`` (its Hydra main in this process: a fresh one costs seconds of imports)."""
+    monkeypatch.chdir(tmp_path)  # multirun/ lands in the working directory
+    args = ["-m", *tiny_overrides(prepared, tmp_path, steps=2), "optim.optimizer.lr=1e-4,2e-4"]
+    code, _, err = invoke_main(train_main, "ditlab.train", args, monkeypatch, capsys)
+    assert code == 0, err[-3000:]
     jobs = sorted(p for p in (tmp_path / "multirun").glob("*/*") if p.is_dir())
     assert len(jobs) == 2
     for job, lr in zip(jobs, ["0.0001", "0.0002"]):

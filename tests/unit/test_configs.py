@@ -41,10 +41,9 @@ def test_the_paper_table_is_read_from_the_model_options():
 def test_every_model_option_builds_the_architecture_it_states(model):
     """Each option builds a net of the sizes it composes to (a paper option: the paper's). An option
     is an architecture: the input size, channels and class count are left to the data."""
-    bare = compose_cfg("train", [f"model={model}"]).model
-    assert (bare.input_size, bare.in_channels, bare.num_classes) == (None, None, None)
-    data = ["model.input_size=32", "model.in_channels=4", "model.num_classes=1000"]  # ImageNet-256 SD latents
-    cfg = compose_cfg("train", [f"model={model}", *data])
+    cfg = compose_cfg("train", [f"model={model}"])
+    assert (cfg.model.input_size, cfg.model.in_channels, cfg.model.num_classes) == (None, None, None)
+    cfg.model.merge_with({"input_size": 32, "in_channels": 4, "num_classes": 1000})  # ImageNet-256 SD latents
     with torch.device("meta"):
         net = instantiate(cfg.model)
     assert net.learn_sigma is True  # follows diffusion=ddpm

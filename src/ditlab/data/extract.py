@@ -45,10 +45,12 @@ def extract_split(
     world_size: int = 1,
     progress: bool = True,
     store_images: bool = False,
+    wait_s: float = 3600.0,
 ) -> dict:
     """Encode this rank's images (every world_size-th, starting at rank), with their horizontal
-    flips when ``flip``, and write its shards (with the uint8 images too when ``store_images``).
-    Returns a summary: counts per class, skipped (unreadable) keys, images/s."""
+    flips when ``flip``, and write its shards (with the uint8 images too when ``store_images``); rank 0
+    waits up to ``wait_s`` for the other ranks' shards. Returns a summary: counts per class, skipped
+    (unreadable) keys, images/s."""
     indices = list(range(rank, len(source), world_size))
     loader = DataLoader(
         Subset(source, indices), batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skipping_failures
@@ -69,7 +71,7 @@ def extract_split(
         bar.update(len(failed) + (0 if images is None else len(images)))
         fault_point("prepare_batch")  # test-only: prepare killed half-way (ditlab.runtime.faults)
     bar.close()
-    writer.finish()
+    writer.finish(timeout_s=wait_s)
     seconds = time.time() - start
     count = sum(per_class.values())
     return {

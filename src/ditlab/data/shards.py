@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 
 from ditlab.data import storage
 from ditlab.runtime.files import publish
+from ditlab.runtime.processes import wait_until
 
 INDEX_FILE = "index.json"
 
@@ -151,13 +151,8 @@ class ShardWriter:
         self.writer.done()
         if self.rank != 0:
             return
-        deadline = time.time() + timeout_s
         expected = [self.tmp_dir / f"{r}.index.json" for r in range(self.world_size)]
-        while not all(p.exists() for p in expected):
-            if time.time() > deadline:
-                missing = [p.name for p in expected if not p.exists()]
-                raise TimeoutError(f"ranks did not finish writing {self.tmp_dir}: missing {missing}")
-            time.sleep(0.5)
+        wait_until(lambda: all(p.exists() for p in expected), timeout_s, f"every rank's shards in {self.tmp_dir}")
         # litdata's merge of per-rank indexes into index.json (public merge() expects its own
         # process group; the ranks here may be separate jobs, hence the wait above).
         self.writer._merge_no_wait()

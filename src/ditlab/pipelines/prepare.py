@@ -258,6 +258,7 @@ def _extract(
         world_size=world_size,
         progress=encode.progress,
         store_images=store_images,
+        wait_s=encode.wait_s,
     )
     log.info(
         f"{split}: {summary['count']} images at {summary['images_per_s']} img/s; per class "

@@ -427,21 +427,3 @@ def unavailable(metrics, reference: ReferenceSide) -> dict[str, str]:
         for name in metrics
         if name in METRIC_PARTS and getattr(reference, METRIC_PARTS[name]) is None
     }
-
-
-def evaluate_adm_suite(
-    images: torch.Tensor,
-    reference,
-    extractor: ADMInceptionExtractor,
-    split_size: int = IS_SPLIT_SIZE,
-    k: int = PR_NEIGHBOURHOOD,
-    batch_size: int = PR_BATCH_SIZE,
-) -> SuiteResult:
-    """ADM's suite of uint8 (N, C, H, W) samples against an ``ADMReference`` or ditlab ``ReferenceStats``."""
-    if isinstance(reference, ADMReference):
-        side = adm_reference_side(reference, extractor)
-    elif all(hasattr(reference, a) for a in ("mu", "sigma", "features", "extractor")):
-        side = ditlab_reference_side(reference)
-    else:
-        raise ValueError(f"reference is a {type(reference).__name__}; expected an ADMReference or ReferenceStats")
-    return suite_from_features(extractor(images), side, METRIC_NAMES, split_size, k, batch_size, extractor.device)

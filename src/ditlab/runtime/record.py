@@ -201,7 +201,7 @@ def upgrade(section: Mapping, origin: str) -> CheckpointRecord:
             sampler=sampler,
             guidance=_old_guidance(cfg, grid),
             fid_protocol=_old_protocol(cfg, flow),
-            classes=[str(c) for c in section["classes"]] if section.get("classes") else None,
+            classes=None if section.get("classes") is None else [str(c) for c in section["classes"]],
             prepared_dir=OmegaConf.select(cfg, "data.prepared_dir"),
             config_yaml=text,
             format_version=0,

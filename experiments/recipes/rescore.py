@@ -21,8 +21,8 @@ def main(ckpt: str, name: str, steps: str, *options: str) -> None:
     torch.set_num_threads(2)
     kwargs = {k: float(v) if k != "last_step" else v for k, v in (o.split("=", 1) for o in options)}
     model = load_model(Path(ckpt))
-    protocol = replace(run_protocol(model.train_config), sampler=Sampler(name, int(steps), **kwargs))
-    prepared = PreparedDir(model.train_config.data.prepared_dir)
+    protocol = replace(run_protocol(model.record), sampler=Sampler(name, int(steps), **kwargs))
+    prepared = PreparedDir(model.record.prepared_dir)
     start = time.time()
     labels = protocol.labels(model.num_classes)
     images = protocol.generate(

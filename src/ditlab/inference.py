@@ -5,11 +5,12 @@ guidance wraps the network, every sample's noise comes from its own stream (seed
 the sampler runs, the codec decodes. Because the noise of sample i depends on i only, the images
 do not depend on the batch size or on how many ranks share the work.
 
-``load_model`` reads a ditlab training checkpoint (the resolved training config, the codec and the
-class names are inside it: it samples without the prepared dir), a released checkpoint of the DiT
-family (DiT, SiT, REPA, LightningDiT: paired with the VAE its family decodes with, sampled by its
-family's published protocol, its network's time read as its family does) or a diffusers folder,
-through the one weights reader (``ditlab.models.weights``): on the CPU first, weights only.
+``load_model`` reads a ditlab training checkpoint (its record holds the architecture, the codec, the
+class names, the run's sampler and guidance: it samples without the prepared dir), a released
+checkpoint of the DiT family (DiT, SiT, REPA, LightningDiT: paired with the VAE its family decodes
+with, sampled by its family's published protocol, its network's time read as its family does) or a
+diffusers folder, through the one weights reader (``ditlab.models.weights``, which reads a record
+through ``runtime.record.read_record``, older formats included): on the CPU first, weights only.
 """
 
 from __future__ import annotations
@@ -22,26 +23,21 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid, save_image
 
 from ditlab.data.prepared import PreparedDir
 from ditlab.diffusion import FlowMatching, Guidance, Sampler, create_diffusion
 from ditlab.diffusion.protocols import Protocol, published_protocol
 from ditlab.diffusion.samplers import samplers_for
-from ditlab.models.dit import DiT
 from ditlab.models.released import Family
 from ditlab.models.vae import SD_SCALE_FACTOR, IdentityVAE, PretrainedVAE, codec_from_portable, codec_from_record
-from ditlab.models.weights import DiTWeights, read_dit_weights
+from ditlab.models.weights import EXPORT_META, DiTWeights, read_dit_weights
 from ditlab.runtime.checkpoints import check_checkpoint_fits
 from ditlab.runtime.files import atomic_path
+from ditlab.runtime.record import OFFICIAL_GUIDANCE, OFFICIAL_SAMPLER, CheckpointRecord
 from ditlab.seeding import per_sample_normal, stream_seed
 
 log = logging.getLogger("ditlab.inference")
-
-# What a checkpoint without a training config (official, diffusers) samples with: DiT's FID protocol.
-OFFICIAL_SAMPLER = Sampler("ddpm", 250)
-OFFICIAL_GUIDANCE = Guidance(1.5)
 
 
 CLASS_DRAWS = ("uniform", "balanced")
@@ -151,7 +147,7 @@ class ModelBundle:
     num_classes: int
     latent_shape: tuple[int, int, int]
     source: str
-    train_config: DictConfig | None = None  # the ditlab run's resolved training config, when there is one
+    record: CheckpointRecord | None = None  # the ditlab run's record (runtime.record), when there is one
     classes: list[str] | None = None  # the class names, where the checkpoint or folder knows them
     protocol: Protocol | None = None  # a released checkpoint's: its family's published sampler and guidance
 
@@ -201,73 +197,64 @@ class ModelBundle:
         )
 
     def own_sampler(self) -> Sampler:
-        """The sampler this checkpoint's run drew its grids with (DDPM-250 without a training config)."""
-        if self.train_config is None or "sampler" not in self.train_config:
-            return self.protocol.sampler if self.protocol else OFFICIAL_SAMPLER
-        return instantiate(self.train_config.sampler)
+        """The sampler this checkpoint's run drew its grids with (without a record: its family's
+        published protocol, DDPM-250 for DiT)."""
+        if self.record is not None:
+            return Sampler(**self.record.sampler)
+        return self.protocol.sampler if self.protocol else Sampler(**OFFICIAL_SAMPLER)
 
     def own_guidance(self) -> Guidance:
-        """The guidance this checkpoint's run drew its grids with (DiT's 1.5 without a training config)."""
-        grid = OmegaConf.select(self.train_config, "callbacks.sample_grid") if self.train_config is not None else None
-        if grid is None:
-            return self.protocol.guidance if self.protocol else OFFICIAL_GUIDANCE
-        if "guidance" in grid:
-            return instantiate(grid.guidance)
-        # runs written before the guidance node (grid keys cfg_scale, guided_channels, guidance_interval)
-        return Guidance(grid.cfg_scale, grid.get("guided_channels"), grid.get("guidance_interval"))
+        """The guidance this checkpoint's run drew its grids with (without a record: its family's, DiT's 1.5)."""
+        if self.record is not None:
+            return Guidance(**self.record.guidance)
+        return self.protocol.guidance if self.protocol else Guidance(**OFFICIAL_GUIDANCE)
 
 
 def load_network(
     path: str | Path, ema: bool = True, family: str = "auto", num_heads: int | None = None
-) -> tuple[torch.nn.Module, object, DictConfig | None]:
-    """(net in eval mode, objective, training config or None) of a ditlab ``.ckpt``, a released DiT /
+) -> tuple[torch.nn.Module, object, CheckpointRecord | None]:
+    """(net in eval mode, objective, the run's record or None) of a ditlab ``.ckpt``, a released DiT /
     SiT / REPA / LightningDiT file or a diffusers DiT folder (``models.weights.read_dit_weights`` tells
     them apart)."""
     return _network(read_dit_weights(path, ema, family, num_heads), path)
 
 
-def _network(weights: DiTWeights, path: str | Path) -> tuple[torch.nn.Module, object, DictConfig | None]:
-    config = OmegaConf.create(weights.train_config) if weights.train_config else None
-    net = instantiate(config.model) if weights.format == "ditlab" else DiT(**weights.dit_kwargs)
+def _network(weights: DiTWeights, path: str | Path) -> tuple[torch.nn.Module, object, CheckpointRecord | None]:
+    net = instantiate(weights.architecture)
     check_checkpoint_fits({"state_dict": weights.state_dict}, net, path)
     net.load_state_dict(weights.state_dict, strict=True)
-    if config is not None:
-        objective = instantiate(config.diffusion.objective)
+    if weights.record is not None:
+        objective = instantiate(weights.record.objective)
     elif weights.family.flow_time is not None:  # SiT, REPA, LightningDiT: flow in their network's time
         objective = FlowMatching(**weights.family.flow_time)
     else:
         objective = create_diffusion(learn_sigma=net.learn_sigma)
-    return net.eval(), objective, config
+    return net.eval(), objective, weights.record
 
 
-def _checkpoint_kit(
-    checkpoint: dict, config: DictConfig, path: str | Path, need_codec: bool
-) -> tuple[dict | None, list[str] | None]:
-    """(portable codec, class names) a ditlab checkpoint carries. A checkpoint from before they
-    travelled falls back to its run's prepared dir and says so; without that dir it fails when the
-    codec is needed (no ``vae=`` given), else goes on without class names."""
-    carried = checkpoint.get("ditlab", {})
-    if "codec" in carried:
-        return carried["codec"], list(carried.get("classes") or []) or None
-    prepared = PreparedDir(config.data.prepared_dir)
-    log.info(f"{path} carries no codec or class names (an older checkpoint): taken from {prepared.root}")
+def _record_kit(record: CheckpointRecord, path, need_codec: bool) -> tuple[torch.nn.Module | None, list[str] | None]:
+    """(codec, class names) of a ditlab checkpoint's record. An older checkpoint without them (a small
+    VAE's weights, the names) takes them from its run's prepared dir and says so; without that dir it
+    fails when the codec is needed (no ``vae=`` given), else goes on without class names."""
+    codec = codec_from_portable(record.codec) if need_codec and record.codec is not None else None
+    if record.classes is not None and (codec is not None or not need_codec):
+        return codec, record.classes
+    prepared = PreparedDir(record.prepared_dir or "")
+    missing = "class names" if record.codec is not None else "codec or class names"
+    log.info(f"{path} carries no {missing} (an older checkpoint): taken from {prepared.root}")
     try:
         meta = prepared.read_meta()
     except FileNotFoundError:
-        if need_codec:
+        if need_codec and codec is None:
             raise
-        return None, None
-    return {"record": meta["vae"], "small_vae_dir": str(prepared.vae)}, meta.get("classes")
-
-
-def _kit_codec(kit: dict) -> torch.nn.Module:
-    if "small_vae_dir" in kit:  # an older checkpoint's: the prepared dir's VAE
-        return codec_from_record(kit["record"], kit["small_vae_dir"])
-    return codec_from_portable(kit)
+        return codec, record.classes
+    if need_codec and codec is None:
+        codec = codec_from_record(meta["vae"], prepared.vae)
+    return codec, record.classes or meta.get("classes")
 
 
 def _folder_classes(path: Path) -> list[str] | None:
-    meta = json.loads((path / "ditlab.json").read_text()) if (path / "ditlab.json").is_file() else {}
+    meta = json.loads((path / EXPORT_META).read_text()) if (path / EXPORT_META).is_file() else {}
     return meta.get("classes")
 
 
@@ -276,7 +263,7 @@ def _folder_codec(path: Path):
     if (path / "vae" / "config.json").is_file():
         scale = json.loads((path / "vae" / "config.json").read_text()).get("scaling_factor", SD_SCALE_FACTOR)
         return PretrainedVAE(str(path), scale, subfolder="vae")
-    meta = json.loads((path / "ditlab.json").read_text()) if (path / "ditlab.json").is_file() else {}
+    meta = json.loads((path / EXPORT_META).read_text()) if (path / EXPORT_META).is_file() else {}
     codec = meta.get("codec", {})
     if codec.get("kind") == "identity":
         return IdentityVAE(codec.get("scale_factor", 1.0))
@@ -315,23 +302,22 @@ def load_model(
         images = model.generate([0, 1, 2], Sampler("ddim", 50), Guidance(scale=2.0), seed=0)
     """
     weights = read_dit_weights(ckpt, ema, family, num_heads)
-    net, objective, cfg = _network(weights, ckpt)
+    net, objective, record = _network(weights, ckpt)
     classes, protocol = None, None
-    if vae and weights.format != "official":
-        codec = PretrainedVAE(vae, SD_SCALE_FACTOR)
+    codec = PretrainedVAE(vae, SD_SCALE_FACTOR) if vae and weights.format != "official" else None
     if Path(ckpt).is_dir():
-        codec = codec if vae else _folder_codec(Path(ckpt))
+        codec = codec or _folder_codec(Path(ckpt))
         classes = _folder_classes(Path(ckpt))
         source = "diffusers folder"
-    elif cfg is None:
+    elif record is None:
         codec = _family_codec(weights.family, vae, latent_stats)
         if weights.family.flow_time is None:  # DiT's released files keep ditlab's defaults for them
             source = "official DiT checkpoint"
         else:
             source, protocol = f"{weights.family.title} checkpoint", published_protocol(weights.family.protocol)
     else:
-        kit, classes = _checkpoint_kit(weights.checkpoint, cfg, ckpt, need_codec=not vae)
-        codec = codec if vae else _kit_codec(kit)
+        carried, classes = _record_kit(record, ckpt, need_codec=codec is None)
+        codec = codec or carried
         source = f"ditlab checkpoint, {'EMA' if ema else 'raw'} weights"
     shape = (net.in_channels, net.input_size, net.input_size)
-    return ModelBundle(net, objective, codec.eval(), net.num_classes, shape, source, cfg, classes, protocol)
+    return ModelBundle(net, objective, codec.eval(), net.num_classes, shape, source, record, classes, protocol)

@@ -208,7 +208,7 @@ def sampling_record(cfg, model, sampler: Sampler, guidance, world: int, device: 
     record = {
         "checkpoint": {
             "path": str(ckpt),
-            "step": checkpoint_step(ckpt) if model.train_config is not None else None,
+            "step": checkpoint_step(ckpt) if model.record is not None else None,
             "weights": "ema" if cfg.ema else "raw",
             "source": model.source,
         },

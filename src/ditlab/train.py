@@ -44,6 +44,7 @@ from ditlab.runtime.errors import config_error_message, fail, hydra_command
 from ditlab.runtime.job import OneRunDir, RunDirsDiffer, launch_line, raise_if_a_rank_was_lost
 from ditlab.runtime.preemption import PREEMPTED_EXIT, Preempted
 from ditlab.runtime.processes import LOST_RANK_EXIT, LostRank, WaitTimeout, die_with_parent
+from ditlab.runtime.record import CheckpointRecord, record_of_run
 from ditlab.runtime.sweeps import MetricNotLogged, ddp_children_run_this_job, log_config, optimized_metric_value
 from ditlab.training.finetune import apply_finetune, check_source
 from ditlab.training.nonfinite import NonFiniteTraining
@@ -82,7 +83,8 @@ def build(cfg: DictConfig, init_weights: bool = True):
         net = instantiate(cfg.model)
         init_from = cfg.get("init_from") if init_weights else None
         apply_finetune(net, init_from, cfg.get("finetune"), instantiate(cfg.diffusion.objective) if init_from else None)
-        module = build_module(cfg, net)
+        record = record_of_run(cfg, **sampling_kit(datamodule, prepared))  # with the shape and extractor taken above
+        module = build_module(cfg, net, record)
         if module.repa is not None and not datamodule.with_images:
             raise ValueError("repa needs each latent's clean image; expected data.module.with_images=true")
         instantiate(cfg.sampler).check(module.objective)
@@ -102,8 +104,6 @@ def build(cfg: DictConfig, init_weights: bool = True):
         raise ConfigError(str(err).strip().splitlines()[0]) from err
     except OmegaConfBaseException as err:
         raise ConfigError(config_error_message(err)) from err
-    module.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)  # with the shape and extractor taken above
-    module.sampling_kit = sampling_kit(datamodule, prepared)
     return datamodule, module
 
 
@@ -165,15 +165,18 @@ def sampling_kit(datamodule: LatentDataModule, prepared: PreparedDir) -> dict:
     }
 
 
-def build_module(cfg: DictConfig, net: torch.nn.Module):
-    """The LightningModule of ``cfg.module`` around ``net``, with the configured objective and optimizer."""
-    return instantiate(
+def build_module(cfg: DictConfig, net: torch.nn.Module, record: CheckpointRecord | None = None):
+    """The LightningModule of ``cfg.module`` around ``net``, with the configured objective and
+    optimizer, storing ``record`` in its checkpoints."""
+    module = instantiate(
         cfg.module,
+        _partial_=True,
         net=net,
         objective=instantiate(cfg.diffusion.objective),
         optimizer=instantiate(cfg.optim.optimizer),
         scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
     )
+    return module(record=record)  # given outside Hydra, which would turn the dataclass into a DictConfig
 
 
 def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: Path) -> str | None:

@@ -115,7 +115,7 @@ def test_export_refuses_a_used_folder_and_writes_the_transformer_alone(run3, tmp
 def test_export_of_an_official_checkpoint_loads_in_dit_pipeline_offline(tmp_path):
     from diffusers import DiTPipeline
 
-    from ditlab.models.diffusers_dit import from_diffusers
+    from ditlab.models.diffusers_dit import dit_kwargs, from_diffusers_state_dict
     from ditlab.models.dit import build_dit
     from ditlab.models.vae import small_autoencoder
     from ditlab.pipelines.export import export_pipeline
@@ -126,8 +126,9 @@ def test_export_of_an_official_checkpoint_loads_in_dit_pipeline_offline(tmp_path
     small_autoencoder(image_channels=3, latent_channels=4, block_out_channels=(8, 8)).save_pretrained(tmp_path / "vae")
     folder = export_pipeline(tmp_path / "dit.pt", tmp_path / "export", vae=str(tmp_path / "vae"))
     pipe = DiTPipeline.from_pretrained(str(folder), local_files_only=True)
-    assert from_diffusers(pipe.transformer).state_dict().keys() == net.state_dict().keys()
-    for key, value in from_diffusers(pipe.transformer).state_dict().items():
+    back = from_diffusers_state_dict(pipe.transformer.state_dict(), dit_kwargs(pipe.transformer.config))
+    assert back.keys() == net.state_dict().keys()
+    for key, value in back.items():
         assert torch.equal(value, net.state_dict()[key]), key
     assert pipe.vae.config.scaling_factor == 0.18215
     images = pipe(class_labels=[1, 7], num_inference_steps=2, guidance_scale=1.5, output_type="np").images

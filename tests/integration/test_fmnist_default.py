@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from ditlab.diffusion import Guidance
+from ditlab.inference import load_model
 from ditlab.metrics.curve import run_protocol
 from ditlab.train import train
 from helpers import compose_run
@@ -28,8 +29,9 @@ def test_metrics_json_records_the_classifier_accuracy_beside_the_sample_accuracy
             "callbacks.fid.every_n_steps=0",
         ],
     )
-    assert run_protocol(cfg).guidance == Guidance(4.0, None, (0, 500))  # what re-scoring a checkpoint uses
     train(cfg)
+    record = load_model(out / "checkpoints" / "last.ckpt").record
+    assert run_protocol(record).guidance == Guidance(4.0, None, (0, 500))  # what re-scoring a checkpoint uses
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     judge = json.loads((Path(prepared) / "classifier" / "classifier.json").read_text())["val_accuracy"]
     assert metrics["val/classifier_accuracy_clf"] == pytest.approx(judge, abs=1e-6)  # via a float32 tensor

@@ -11,7 +11,7 @@ import torch
 import ditlab.models.dit as dit_module
 from ditlab.evaluate import main as evaluate_main
 from ditlab.inference import load_model
-from ditlab.models.diffusers_dit import from_diffusers, to_diffusers
+from ditlab.models.diffusers_dit import dit_kwargs, from_diffusers_state_dict, to_diffusers
 from ditlab.models.dit import DiT, build_dit
 from ditlab.models.vae import small_autoencoder
 from ditlab.sample import main as sample_main
@@ -130,7 +130,7 @@ def test_sample_draws_a_checkpoint_as_its_run_did_unless_told_otherwise(trained_
     # without a training config (official checkpoints, diffusers folders): DiT's protocol
     model = load_model(out / "checkpoints" / "last.ckpt")
     assert model.own_sampler().describe() == "ddim x 4 steps, eta=0.0"
-    model.train_config = None
+    model.record = None
     assert model.own_sampler().describe() == "ddpm x 250 steps"
     assert model.own_guidance().scale == 1.5 and model.own_guidance().interval is None
 
@@ -219,6 +219,6 @@ def test_diffusers_export_matches_diffusers_implementation_and_round_trips():
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(dit_module, "timestep_embedding", diffusers_frequencies)
             assert torch.allclose(model(x, t, y), out, atol=1e-5)
-    back = from_diffusers(theirs)
+    back = from_diffusers_state_dict(theirs.state_dict(), dit_kwargs(theirs.config))
     for key, value in model.state_dict().items():
-        assert torch.equal(value, back.state_dict()[key]), key
+        assert torch.equal(value, back[key]), key

@@ -1,6 +1,7 @@
 """A run's FID curve: every checkpoint of a training run scored with the run's own ``FIDProtocol``
 (the one its FID callback measured with: sampler, guidance, sample count, seed, extractor and
-reference), written to ``<run>/fid_curve.csv`` (step, images seen, metrics) and ``<run>/fid_curve.png``.
+reference, as each checkpoint's record holds it), written to ``<run>/fid_curve.csv`` (step, images
+seen, metrics) and ``<run>/fid_curve.png``.
 
 A rerun scores only the checkpoints not in the CSV yet (keyed by step and weights), so the curve
 of a run that is still training can be brought up to date cheaply.
@@ -14,15 +15,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from tqdm.auto import tqdm
 
 from ditlab.data.prepared import PreparedDir
+from ditlab.diffusion import Guidance, Sampler
 from ditlab.inference import load_model
 from ditlab.metrics.protocol import FIDProtocol
 from ditlab.metrics.uncertainty import derived_name
 from ditlab.runtime.checkpoints import read_checkpoint
 from ditlab.runtime.files import atomic_path
+from ditlab.runtime.record import CheckpointRecord
 
 log = logging.getLogger("ditlab.evaluate")
 
@@ -100,12 +102,23 @@ def plot_curve(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run_protocol(train_config, num_samples: int | None = None, extractor: str | None = None) -> FIDProtocol:
-    """The FID protocol a run measured with (its stored ``fid_protocol``), with optional overrides;
-    another ``extractor`` measures against that extractor's default reference and weights."""
-    if "fid_protocol" not in train_config:
-        raise ValueError("the run's config has no fid_protocol (a run of an older ditlab); expected a run of this one")
-    protocol = instantiate(train_config.fid_protocol)
+def recorded_protocol(record: CheckpointRecord) -> FIDProtocol | None:
+    """The FID protocol a run measured with, as its checkpoint's record holds it (None: no FID)."""
+    if record.fid_protocol is None:
+        return None
+    values = record.fid_protocol
+    sampler = None if values.get("sampler") is None else Sampler(**values["sampler"])
+    return FIDProtocol(**{**values, "sampler": sampler, "guidance": Guidance(**values["guidance"])})
+
+
+def run_protocol(record: CheckpointRecord, num_samples: int | None = None, extractor: str | None = None) -> FIDProtocol:
+    """The run's ``recorded_protocol`` with optional overrides; another ``extractor`` measures against
+    that extractor's default reference and weights."""
+    protocol = recorded_protocol(record)
+    if protocol is None:
+        raise ValueError(
+            "the checkpoint records no FID protocol (its run had no FID settings); expected a run with one"
+        )
     if extractor and extractor != protocol.extractor:  # another feature space: its default reference and weights
         protocol = replace(protocol, extractor=extractor, reference=None, weights_path=None)
     if num_samples:
@@ -117,14 +130,14 @@ def run_protocol(train_config, num_samples: int | None = None, extractor: str | 
     return protocol
 
 
-def measured_against(run_dir: Path, protocol: FIDProtocol, train_config) -> tuple[FIDProtocol, PreparedDir]:
+def measured_against(run_dir: Path, protocol: FIDProtocol, record: CheckpointRecord) -> tuple[FIDProtocol, PreparedDir]:
     """Where the run's reference statistics (and classifier) are: the copy in the run dir when it holds
     the protocol's extractor (runs since they were copied), else the run's prepared dir."""
     own = PreparedDir(run_dir / RUN_REFERENCE_DIR)
     if protocol.extractor and own.reference(protocol.extractor).is_file():
         weights = None if protocol.extractor == "clf" else protocol.weights_path  # clf: the copied classifier
         return replace(protocol, reference=None, weights_path=weights), own
-    return protocol, PreparedDir(train_config.data.prepared_dir)
+    return protocol, PreparedDir(record.prepared_dir)
 
 
 @torch.no_grad()
@@ -132,8 +145,8 @@ def score_checkpoint(path: Path, ema: bool, num_samples: int | None, extractor: 
     """The run's protocol measured on one checkpoint's weights (and without guidance too when the
     protocol asks for it: ``*_unguided`` columns)."""
     model = load_model(path, ema=ema).to(device)
-    protocol = run_protocol(model.train_config, num_samples, extractor)
-    protocol, prepared = measured_against(path.parent.parent, protocol, model.train_config)
+    protocol = run_protocol(model.record, num_samples, extractor)
+    protocol, prepared = measured_against(path.parent.parent, protocol, model.record)
     features_of = protocol.make_extractor(prepared, device)
     reference = protocol.load_reference(prepared, features_of)
     labels = protocol.labels(model.num_classes)

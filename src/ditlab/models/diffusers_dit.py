@@ -110,13 +110,6 @@ def from_diffusers_state_dict(sd: dict[str, torch.Tensor], kwargs: dict) -> dict
     return out
 
 
-def from_diffusers(transformer) -> DiT:
-    kwargs = dit_kwargs(transformer.config)
-    model = DiT(**kwargs)
-    model.load_state_dict(from_diffusers_state_dict(transformer.state_dict(), kwargs), strict=True)
-    return model.eval()
-
-
 def read_diffusers_dit(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(official-layout state_dict, DiT kwargs) of a diffusers ``DiTTransformer2DModel`` folder or a
     DiTPipeline folder (its ``transformer/``), read offline on the CPU."""

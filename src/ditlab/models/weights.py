@@ -1,15 +1,16 @@
 """The one reader of DiT weights, whatever file holds them. It tells the formats apart:
 
     a folder                      a diffusers DiT (``DiTTransformer2DModel`` or a whole DiTPipeline,
-                                  ``ditlab export``'s with the run's ``ditlab_config.yaml`` beside it)
-    ``*.ckpt``                    a ditlab training checkpoint (EMA or raw weights, the run's config)
+                                  ``ditlab export``'s with the run's record in ``ditlab.json``)
+    ``*.ckpt``                    a ditlab training checkpoint (EMA or raw weights, its record)
     anything else                 a released checkpoint of the DiT family (``.pt`` / ``.safetensors``):
                                   DiT, SiT, REPA or LightningDiT, each read by its family's reader
 
-and gives back the weights in ditlab's layout, the architecture read off them where the file has no
-config, and the training config where there is one. Everything is read on the CPU, weights only
-(``runtime.checkpoints.read_checkpoint``, ``models.released.read_released_file``): sampling, export
-and fine-tuning (``init_from``) all read through here.
+and gives back the weights in ditlab's layout, the architecture they fit (the record's, or read off
+the weights where the file has none) and the run's record (``runtime.record.read_record``) where
+there is one. Everything is read on the CPU, weights only (``runtime.checkpoints.read_checkpoint``,
+``models.released.read_released_file``): sampling, export and fine-tuning (``init_from``) all read
+through here.
 
 A released file's family is ``family`` (auto: told from the file, ``models.released.detect_family``);
 its reader says in one log line what it found (family, size, EMA or raw weights, what it left out)
@@ -19,6 +20,7 @@ given (``init_from`` gives the run's), else read where a tensor records it, else
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,10 +45,13 @@ from ditlab.models.released import (
 from ditlab.models.repa import read_repa
 from ditlab.models.sit import read_sit
 from ditlab.runtime.checkpoints import read_checkpoint
+from ditlab.runtime.record import CheckpointRecord, read_record
 
 log = logging.getLogger("ditlab.weights")
 
 EXPORT_CONFIG = "ditlab_config.yaml"  # the training config ``ditlab export`` writes beside the diffusers files
+EXPORT_META = "ditlab.json"  # what ``ditlab export`` writes beside them: classes, codec, the run's record
+DIT_TARGET = "ditlab.models.dit.DiT"
 
 # One reader per family format: (file object, path, ema, num_heads, evidence) -> ReleasedWeights
 READERS: dict[str, Callable[..., ReleasedWeights]] = {
@@ -59,11 +64,10 @@ READERS: dict[str, Callable[..., ReleasedWeights]] = {
 
 @dataclass
 class DiTWeights:
-    format: str  # "ditlab" | "official" | "diffusers"
+    format: str  # "ditlab" | "official" | "diffusers": where they came from, for messages
     state_dict: dict[str, torch.Tensor]  # ditlab's layout, on the CPU
-    dit_kwargs: dict | None  # the architecture read off the weights (official, diffusers)
-    train_config: str | None  # the run's resolved config (YAML) of a ditlab checkpoint or export
-    checkpoint: dict | None = None  # the whole ditlab checkpoint (step, callbacks' state, ...)
+    architecture: dict  # the network they fit, to instantiate: {"_target_": ..., its arguments}
+    record: CheckpointRecord | None  # the run's record (a ditlab checkpoint or export)
     family: Family = DIT  # a released file's family (its time convention, its published protocol)
 
 
@@ -97,8 +101,7 @@ def read_dit_weights(
     check_family_choice(family)
     if path.is_dir():
         state_dict, kwargs = read_diffusers_dit(path)
-        config = path / EXPORT_CONFIG
-        return DiTWeights("diffusers", state_dict, kwargs, config.read_text() if config.is_file() else None)
+        return DiTWeights("diffusers", state_dict, {"_target_": DIT_TARGET, **kwargs}, _export_record(path))
     if not path.is_file():
         raise FileNotFoundError(
             f"{str(path)!r} does not exist; expected a ditlab .ckpt, a DiT / SiT / REPA / LightningDiT "
@@ -106,16 +109,27 @@ def read_dit_weights(
         )
     if path.suffix == ".ckpt":
         checkpoint = read_checkpoint(path)  # truncated / crafted files: one line (ValueError)
-        config = checkpoint.get("ditlab", {}).get("config_yaml")
-        if not config:
-            raise ValueError(f"{str(path)!r} is not a ditlab checkpoint (no stored run config)")
+        record = read_record(checkpoint.get("ditlab", {}), repr(str(path)))  # one line (ValueError)
         prefix = "ema.net." if ema else "net."
         state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-        return DiTWeights("ditlab", state, None, config, checkpoint)
+        return DiTWeights("ditlab", state, record.model, record)
     try:
         released = read_released(path, ema, family, num_heads)
     except (ValueError, FileNotFoundError):
         raise
     except Exception as err:  # noqa: BLE001 - truncated / foreign file: one line for the command
         raise ValueError(f"{path} cannot be read as a DiT checkpoint ({err}); expected a DiT .pt") from err
-    return DiTWeights("official", released.state_dict, released.dit_kwargs, None, family=released.family)
+    architecture = {"_target_": DIT_TARGET, **released.dit_kwargs}
+    return DiTWeights("official", released.state_dict, architecture, None, family=released.family)
+
+
+def _export_record(folder: Path) -> CheckpointRecord | None:
+    """The record ``ditlab export`` wrote in ``ditlab.json``; an export from before the record has the
+    run config beside it (read as a format-0 checkpoint); a folder from elsewhere has none."""
+    meta = json.loads((folder / EXPORT_META).read_text()) if (folder / EXPORT_META).is_file() else {}
+    if "record" in meta:
+        return read_record(meta["record"], repr(str(folder)))
+    if (folder / EXPORT_CONFIG).is_file():
+        section = {"config_yaml": (folder / EXPORT_CONFIG).read_text(), "classes": meta.get("classes")}
+        return read_record(section, repr(str(folder)))
+    return None

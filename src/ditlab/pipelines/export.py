@@ -5,9 +5,10 @@ loads offline, plus what diffusers has no slot for.
     <out>/transformer/                DiTTransformer2DModel (ditlab.models.diffusers_dit.to_diffusers)
     <out>/vae/                        AutoencoderKL, scaling_factor = the run's latent scale (absent in pixel space)
     <out>/scheduler/                  DDIMScheduler with the run's exact betas (trained_betas)
-    <out>/ditlab.json                 classes, latent shape, codec, weights used, source
-    <out>/ditlab_config.yaml          the run's resolved training config (ditlab runs)
-    <out>/README.md                   model card: training config and measured metrics
+    <out>/ditlab.json                 classes, latent shape, codec, weights used, source, the run's record
+                                      (``runtime.record``: its sampler, guidance, FID protocol...; ditlab runs)
+    <out>/ditlab_config.yaml          the run's resolved training config, for humans (ditlab runs)
+    <out>/README.md                   model card: the record and measured metrics
 
 ``ditlab.inference.load_model(<out>)`` reads it back (exactly the exported weights).
 """
@@ -21,13 +22,12 @@ from pathlib import Path
 
 import yaml
 from diffusers import DDIMScheduler, DiTPipeline
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from ditlab.inference import load_model, load_network
+from ditlab.metrics.curve import recorded_protocol
 from ditlab.models.diffusers_dit import to_diffusers
 from ditlab.models.vae import PretrainedVAE
-from ditlab.models.weights import EXPORT_CONFIG
+from ditlab.models.weights import EXPORT_CONFIG, EXPORT_META
 from ditlab.runtime.files import atomic_path
 
 log = logging.getLogger("ditlab.export")
@@ -76,8 +76,20 @@ def _run_metrics(ckpt: Path) -> dict:
     return out
 
 
+def _card_config(bundle) -> dict:
+    """The record's main fields for the card: architecture, objective, sampler, guidance, the FID
+    protocol behind the val/fid* numbers (fid_clf: the dataset's classifier, not Inception)."""
+    record = bundle.record
+    main = {"model": record.model, "objective": record.objective, "sampler": record.sampler}
+    main["guidance"] = record.guidance
+    protocol = recorded_protocol(record)
+    if protocol is not None:
+        main["fid_protocol"] = protocol.describe()
+    main["prepared_dir"] = record.prepared_dir
+    return main
+
+
 def _model_card(bundle, ckpt: Path, ema: bool, metrics: dict, note: str | None, names: list[str]) -> str:
-    cfg = bundle.train_config
     lines = [
         "---",
         "library_name: diffusers",
@@ -103,22 +115,9 @@ def _model_card(bundle, ckpt: Path, ema: bool, metrics: dict, note: str | None, 
         lines += ["", "FID curve (`python -m ditlab.evaluate run=...`):", "", "| " + " | ".join(cols) + " |"]
         lines += ["|" + "---|" * len(cols)] + ["| " + " | ".join(r[c] for c in cols) + " |" for r in rows]
     lines += ["", "## Training config", ""]
-    if cfg is not None:
-        main = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "diffusion", "optim") if k in cfg}
-        main["data"] = cfg.data.name
-        main["max_steps"] = cfg.trainer.get("max_steps")
-        main["seed"] = cfg.seed
-        if (
-            "fid_protocol" in cfg
-        ):  # behind the val/fid* numbers above (fid_clf: the dataset's classifier, not Inception)
-            main["fid_protocol"] = instantiate(cfg.fid_protocol).describe()
-        lines += [
-            "```yaml",
-            yaml.safe_dump(main, sort_keys=False).rstrip(),
-            "```",
-            "",
-            "Full config: `ditlab_config.yaml`.",
-        ]
+    if bundle.record is not None:
+        lines += ["```yaml", yaml.safe_dump(_card_config(bundle), sort_keys=False).rstrip(), "```", ""]
+        lines += [f"Full config: `{EXPORT_CONFIG}`."]
     else:
         lines += ["An official DiT checkpoint (no ditlab training config)."]
     lines += [
@@ -171,11 +170,13 @@ def export_pipeline(ckpt: str | Path, out: str | Path, ema: bool = True, vae: st
         "codec": bundle.codec.describe(),
         "classes": names,
     }
+    if bundle.record is not None:  # the codec is the folder's own (vae/, or the identity above)
+        meta["record"] = bundle.record.without_codec_weights()
     with atomic_path(out) as tmp:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
-        (tmp / "ditlab.json").write_text(json.dumps(meta, indent=2))
-        if bundle.train_config is not None:
-            (tmp / EXPORT_CONFIG).write_text(OmegaConf.to_yaml(bundle.train_config, resolve=True))
+        (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2))
+        if bundle.record is not None:
+            (tmp / EXPORT_CONFIG).write_text(bundle.record.config_yaml)
         (tmp / "README.md").write_text(_model_card(bundle, ckpt, ema, _run_metrics(ckpt), note, names))
     log.info(f"exported {ckpt} to {out}")
     return out

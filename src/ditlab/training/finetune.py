@@ -1,7 +1,8 @@
 """Start a new run from existing weights (``init_from=<path>``): fine-tuning, not resuming.
 
 The source may be a released DiT / SiT / REPA / LightningDiT ``.pt``/``.safetensors`` (its family
-told from the file, or ``finetune.family``), a ditlab ``.ckpt`` (EMA or raw weights) or a diffusers
+told from the file, or ``finetune.family``), a ditlab ``.ckpt`` of any format (EMA or raw weights;
+its record read through ``runtime.record.read_record``, as every reader does) or a diffusers
 ``DiTTransformer2DModel`` folder (or a whole DiTPipeline folder). The run's own model config decides
 the architecture (its ``num_heads`` too, which no tensor of an official-layout file shows); the
 source's weights are copied into it, adapted where that has a well-defined meaning:

@@ -15,6 +15,7 @@ import torch
 from lightning import LightningModule
 from torchmetrics.aggregation import MeanMetric
 
+from ditlab.runtime.record import CheckpointRecord
 from ditlab.seeding import stream_generator, stream_seed
 from ditlab.training.cadence import logs_this_step, on_progress_bar
 from ditlab.training.ema import EMA
@@ -40,6 +41,8 @@ class DiTModule(LightningModule):
         clean images, (latents, labels, images).
     val_grid / val_seed: the fixed-timestep validation loss (``training.validation``): its times and its
         noise seed (not the run's: runs of other seeds measure alike).
+    record: what reading a checkpoint needs (``runtime.record``: the architecture, the codec, the
+        class names, the sampler, the resolved run config...), stored in every checkpoint.
 
     Parallelism is applied from outside in ``configure_model`` (``training.parallel.parallelize``):
     with ``trainer=fsdp`` the blocks and the root are sharded (FSDP2) and the EMA is sharded like
@@ -61,6 +64,7 @@ class DiTModule(LightningModule):
         repa: REPA | None = None,
         val_grid: Sequence[float] = FIXED_GRID,
         val_seed: int = 0,
+        record: CheckpointRecord | None = None,
     ):
         super().__init__()
         self.net = net
@@ -72,10 +76,7 @@ class DiTModule(LightningModule):
         checkpointed_blocks(len(net.blocks), activation_checkpointing)  # a bad value fails here, before training
         self.activation_checkpointing = activation_checkpointing
         self.seed = seed
-        self.config_yaml: str | None = None  # the resolved run config, stored in every checkpoint
-        # What sampling needs besides the weights and the config, stored in every checkpoint so that it
-        # samples and exports without the prepared dir: {"codec": ..., "classes": [...]} (ditlab.train).
-        self.sampling_kit: dict = {}
+        self.record = record
         self.nonfinite = NonFiniteSteps(max_nonfinite_steps)
         self.train_means = torch.nn.ModuleDict()  # logged training values: running means between logs
         self._parallelized = False
@@ -231,8 +232,7 @@ class DiTModule(LightningModule):
     # ------------------------------------------------------------ checkpoint extras
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ditlab"] = {
-            "config_yaml": self.config_yaml,
-            **self.sampling_kit,
+            **(self.record.section() if self.record is not None else {}),
             "nonfinite": self.nonfinite.state_dict(),
             "rng": {
                 "torch": torch.get_rng_state(),

@@ -8,32 +8,12 @@ chunk files; rank 0 merges the indexes.
 
 from __future__ import annotations
 
-from pathlib import Path
+from omegaconf import DictConfig
 
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-
-from ditlab.data.prepared import PreparedDir
-from ditlab.pipelines.prepare import prepare_dataset
+from ditlab.pipelines.prepare import prepare_from_config
 from ditlab.runtime.errors import exit_on_error, hydra_command
 
-
-def prepare_from_config(cfg: DictConfig) -> Path:
-    """Build the stage's arguments from the ``data``, ``vae`` and ``encode`` config groups and run it."""
-    make_source = instantiate(cfg.data.source, _partial_=True)
-    return prepare_dataset(
-        PreparedDir(cfg.data.prepared_dir, OmegaConf.select(cfg, "data.module.cache_dir")),  # s3://: staged there
-        dataset_name=cfg.data.name,
-        make_source=lambda split: make_source(split=split),
-        splits=list(cfg.data.splits),
-        vae_name=cfg.vae.name,
-        recipe=instantiate(cfg.vae.recipe) if cfg.vae.get("recipe") else None,
-        make_codec=instantiate(cfg.vae.codec, _partial_=True) if cfg.vae.get("codec") else None,
-        flip=cfg.data.flip,
-        store_images=cfg.data.store_images,
-        encode=instantiate(cfg.encode),
-        reference=instantiate(cfg.data.reference) if cfg.data.get("reference") else None,
-    )
+__all__ = ["main", "prepare_from_config"]
 
 
 @hydra_command("ditlab.prepare", "prepare")

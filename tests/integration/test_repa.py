@@ -43,9 +43,9 @@ def test_the_alignment_loss_is_one_minus_the_mean_cosine_of_block_k_tokens(prepa
     x, t, y = torch.randn(4, 3, 8, 8), torch.randint(0, 1000, (4,)), torch.tensor([0, 1, 2, 0])
     images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
     net(x, t, y, dropout_generator=torch.Generator().manual_seed(0))
-    loss = repa.loss(images)
+    loss = repa.loss(repa.take_tokens(), images)
     with pytest.raises(RuntimeError, match="no tokens kept"):
-        repa.loss(images)  # one loss per forward: the tokens are used up
+        repa.take_tokens()  # one loss per forward: the tokens are handed over once
     repa.eval()  # the reference's own forward below keeps nothing
     # the plain reference: block 2's tokens written out, the projector applied, the cosine by its formula
     h = net.x_embedder(x) + net.pos_embed

@@ -37,7 +37,6 @@ def test_ema_follows_a_network_whose_tensors_were_replaced():
     ema.update(net)
     for k, v in ema.net.state_dict().items():
         assert torch.allclose(v, 0.5 * before[k] + 0.5 * 3.0), k
-    assert torch.equal(ema.trainable(net)[0], net[0].weight) and ema.trainable(net)[0] is net[0].weight
     with pytest.raises(ValueError, match="EMA of a different network"):
         ema.update(torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2), "b": torch.nn.Linear(2, 2)}))
     with pytest.raises(ValueError, match="EMA of a different network"):  # one more layer than averaged
@@ -67,18 +66,18 @@ def test_nonfinite_guard_skips_and_raises_only_after_k_in_a_row():
     nan, inf, one = torch.tensor(float("nan")), torch.tensor(float("inf")), torch.tensor(1.0)
     for norm, updated in [(one, True), (nan, False), (one, True), (inf, False), (None, True)]:
         p.grad = torch.ones(2)
-        guard.before_optimizer_step(opt, norm, logging=False)
+        assert guard.decide(opt, norm) is updated
         assert (p.grad is not None) is updated  # a skipped step has its gradients dropped
-        assert guard.after_optimizer_step(0).update is updated
-    guard.before_optimizer_step(opt, nan, logging=False)
-    guard.after_optimizer_step(4)
-    guard.before_optimizer_step(opt, nan, logging=False)
+        guard.stop_on_streak(0, read=False)
+    guard.decide(opt, nan)
+    guard.stop_on_streak(4, read=False)
+    guard.decide(opt, nan)
     with pytest.raises(NonFiniteTraining, match="2 consecutive steps .the last by step 5, 4 skipped in all"):
-        guard.after_optimizer_step(5)
+        guard.stop_on_streak(5, read=False)
     off = NonFiniteSteps(max_consecutive=0)  # off: no check (and no host sync)
     p.grad = torch.ones(2)
-    off.before_optimizer_step(opt, nan, logging=False)
-    assert p.grad is not None and off.after_optimizer_step(1) == (True, None)
+    assert off.decide(opt, nan) is True and p.grad is not None
+    off.stop_on_streak(1, read=True)
 
 
 def test_nonfinite_guard_on_the_device_masks_the_step_without_a_sync():
@@ -87,10 +86,24 @@ def test_nonfinite_guard_on_the_device_masks_the_step_without_a_sync():
     p = torch.nn.Parameter(torch.zeros(2))
     opt = torch.optim.AdamW([p], fused=True)
     guard = NonFiniteSteps(max_consecutive=2)
-    guard.before_optimizer_step(opt, torch.tensor(float("nan")), logging=False)
-    step = guard.after_optimizer_step(1)
-    assert step.update and float(step.keep) == 0.0 and float(opt.found_inf) == 1.0  # the kernel skips
+    keep = guard.decide(opt, torch.tensor(float("nan")))
+    guard.stop_on_streak(1, read=False)
+    assert float(keep) == 0.0 and float(opt.found_inf) == 1.0  # the kernel skips
     assert guard.skipped == 0 and float(guard.skipped_so_far()) == 1.0  # counted on the device, not read
-    guard.before_optimizer_step(opt, torch.tensor(float("inf")), logging=True)
+    guard.decide(opt, torch.tensor(float("inf")))
     with pytest.raises(NonFiniteTraining, match="2 consecutive"):  # read on a logging step
-        guard.after_optimizer_step(2)
+        guard.stop_on_streak(2, read=True)
+
+
+def test_a_skipped_step_leaves_the_ema_alone_and_a_device_mask_masks_it():
+    net = torch.nn.Linear(2, 2)
+    ema = EMA(net, decay=0.5)
+    with torch.no_grad():
+        net.weight.add_(2.0)
+    before = ema.net.weight.clone()
+    ema.update(net, keep=False)  # the host path's skipped step: no update, not counted
+    assert torch.equal(ema.net.weight, before) and int(ema.num_updates) == 0
+    ema.update(net, keep=torch.tensor(0.0))  # the device path's skipped step: masked, counted on the host only
+    assert torch.equal(ema.net.weight, before) and int(ema.num_updates) == 0
+    ema.update(net, keep=torch.tensor(1.0))
+    assert torch.allclose(ema.net.weight, 0.5 * before + 0.5 * net.weight) and int(ema.num_updates) == 1

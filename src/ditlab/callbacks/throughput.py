@@ -6,7 +6,7 @@ import time
 
 from lightning import Callback
 
-from ditlab.training.cadence import logs_this_step, on_progress_bar
+from ditlab.training.cadence import logs_at, on_progress_bar
 
 
 class Throughput(Callback):
@@ -22,7 +22,7 @@ class Throughput(Callback):
             self._window_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        n = batch[0].shape[0] * trainer.world_size  # global images in this micro-batch
+        n = batch[0].shape[0] * trainer.world_size  # global images in this step (all its micro-batches)
         self.images_seen += n
         self._window_images += n
         if (batch_idx + 1) % self.window_steps == 0:
@@ -31,7 +31,7 @@ class Throughput(Callback):
             self._window_start, self._window_images = time.perf_counter(), 0
         # Logged only on the steps the loggers write: a logged number is copied to the device, and
         # that copy waits for the queued GPU work (a host sync the other steps must not pay).
-        if logs_this_step(trainer):
+        if logs_at(trainer, trainer.global_step):
             pl_module.log("train/images_seen", float(self.images_seen), on_step=True, on_epoch=False)
             if self._rate is not None:
                 bar = on_progress_bar(pl_module)

@@ -4,6 +4,11 @@ Workers only move raw float16 blocks; the per-sample randomness (image or its fl
 the posterior) and the scale factor are applied per batch after it reaches the device, with a
 generator of the "data" stream (seed, rank, step, stage) so that a resumed run draws exactly what
 the original did, and never what the training step's own streams draw.
+
+With gradient accumulation (``micro_batches`` K > 1) a training batch is the optimizer step's K
+consecutive micro-batches of ``batch_size``: the loader hands them over as a list, each is drawn
+from its own stream (seed, rank, step, micro-batch), and the model batch holds them one after
+another (K * batch_size rows) for the training step to take apart.
 """
 
 from __future__ import annotations
@@ -60,6 +65,19 @@ def images_of_views(images: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
     return torch.where(which.view(-1, 1, 1, 1).bool(), images.flip(-1), images)
 
 
+def check_model_fits(meta: dict, path: str, input_size: int, in_channels: int, patch_size: int, num_classes: int):
+    """Fail when a model of this shape does not fit the data ``meta`` (meta.json of ``path``) describes."""
+    c, h, w = meta["latent_shape"]
+    if in_channels != c:
+        raise ValueError(f"model.in_channels={in_channels} but the latents in {path} have {c} channels")
+    if input_size != h or h != w:
+        raise ValueError(f"model.input_size={input_size} but the latents in {path} are {h}x{w}")
+    if h % patch_size != 0:
+        raise ValueError(f"model.patch_size={patch_size} does not divide the latent size {h}")
+    if num_classes != meta["num_classes"]:
+        raise ValueError(f"model.num_classes={num_classes} but {path} has {meta['num_classes']} classes")
+
+
 def _resumable_loader_class():
     from litdata import StreamingDataLoader
 
@@ -73,6 +91,10 @@ def _resumable_loader_class():
         """
 
         _fresh_restore = False
+        group = 1  # > 1: hand over lists of this many consecutive batches (the micro-batches of a step)
+
+        def __len__(self):
+            return super().__len__() // self.group
 
         def load_state_dict(self, obj):
             super().load_state_dict(obj)
@@ -82,9 +104,20 @@ def _resumable_loader_class():
             if self.restore and not self._fresh_restore:
                 self.restore = False  # a restore already consumed by an earlier epoch
             self._fresh_restore = False
-            return _naming_store_failures(super().__iter__())
+            batches = _naming_store_failures(super().__iter__())
+            return batches if self.group == 1 else _grouped(batches, self.group)
 
     return ResumableStreamingDataLoader
+
+
+def _grouped(batches, size: int):
+    """Lists of ``size`` consecutive batches; an incomplete last group is dropped."""
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
 
 
 def _naming_store_failures(batches):
@@ -111,6 +144,8 @@ class LatentDataModule(LightningDataModule):
             (prepared with ``data.store_images=true``): representation alignment encodes them.
         cache_dir: where a remote directory's chunks (under ``chunks/``) and small files are cached on
             this machine (default ``ditlab.data.storage.cache_root()``); unused for a local directory.
+        micro_batches: training batches of this many micro-batches of ``batch_size`` (gradient
+            accumulation: ``module.accumulate_grad_batches``), one after another.
     """
 
     def __init__(
@@ -127,10 +162,13 @@ class LatentDataModule(LightningDataModule):
         drop_last: bool = True,
         with_images: bool = False,
         cache_dir: str | None = None,
+        micro_batches: int = 1,
     ):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches={micro_batches}; expected an integer >= 1")
         self.path = str(path)
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -141,6 +179,7 @@ class LatentDataModule(LightningDataModule):
         self.train_split, self.val_split = train_split, val_split
         self.drop_last = drop_last
         self.cache_dir = cache_dir
+        self.micro_batches = micro_batches
         self.prepared = PreparedDir(self.path, cache_dir)
         self.meta = self.prepared.read_meta()
         if flip and stored_views(self.meta) == 1:
@@ -182,15 +221,7 @@ class LatentDataModule(LightningDataModule):
 
     def check_model(self, input_size: int, in_channels: int, patch_size: int, num_classes: int) -> None:
         """Fail before training when the model does not fit the data (one line each)."""
-        c, h, w = self.latent_shape
-        if in_channels != c:
-            raise ValueError(f"model.in_channels={in_channels} but the latents in {self.path} have {c} channels")
-        if input_size != h or h != w:
-            raise ValueError(f"model.input_size={input_size} but the latents in {self.path} are {h}x{w}")
-        if h % patch_size != 0:
-            raise ValueError(f"model.patch_size={patch_size} does not divide the latent size {h}")
-        if num_classes != self.num_classes:
-            raise ValueError(f"model.num_classes={num_classes} but {self.path} has {self.num_classes} classes")
+        check_model_fits(self.meta, self.path, input_size, in_channels, patch_size, num_classes)
 
     def check_data(self) -> None:
         """Fail before training on missing, truncated or foreign shards (one line each)."""
@@ -234,8 +265,8 @@ class LatentDataModule(LightningDataModule):
         if self.val_set is None and self.val_split in self.meta.get("splits", {self.val_split: 1}):
             self.val_set = self._dataset(self.val_split, shuffle=False)
 
-    def _loader(self, dataset):
-        return _resumable_loader_class()(
+    def _loader(self, dataset, group: int = 1):
+        loader = _resumable_loader_class()(
             dataset,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
@@ -243,10 +274,12 @@ class LatentDataModule(LightningDataModule):
             persistent_workers=self.num_workers > 0,
             drop_last=self.drop_last,
         )
+        loader.group = group
+        return loader
 
     def train_dataloader(self):
         self.setup("fit")
-        return self._loader(self.train_set)
+        return self._loader(self.train_set, group=self.micro_batches)
 
     def val_dataloader(self):
         self.setup("validate")
@@ -272,12 +305,17 @@ class LatentDataModule(LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return self.to_model_batch(batch)
-        device = batch["latent"].device
+        device, step = _first_tensor(batch).device, trainer.global_step
         if not trainer.training:  # validation: a fixed set (the fixed-timestep loss of training/validation.py)
             return self.to_model_batch(batch, held_out=True)
-        # Lightning counts the batch as started right after this hook: `ready` is this batch's
-        # 0-based number in the run (restored on resume), so the stream is (rank, step, micro-batch).
-        number = trainer.fit_loop.epoch_loop.batch_progress.total.ready
-        micro = number % trainer.accumulate_grad_batches
-        generator = stream_generator(device, self.seed, "data", trainer.global_rank, trainer.global_step, micro)
-        return self.to_model_batch(batch, generator)
+        # the step's micro-batches (a list when there are several), each its own stream
+        parts = batch if isinstance(batch, list) else [batch]
+        drawn = [
+            self.to_model_batch(part, stream_generator(device, self.seed, "data", trainer.global_rank, step, micro))
+            for micro, part in enumerate(parts)
+        ]
+        return drawn[0] if len(drawn) == 1 else tuple(torch.cat(columns) for columns in zip(*drawn))
+
+
+def _first_tensor(batch) -> torch.Tensor:
+    return (batch[0] if isinstance(batch, list) else batch)["latent"]

@@ -116,6 +116,23 @@ class PreparedDir:
             raise ValueError(f"{where} lacks {missing[0]!r}; expected the {self.META} written by ditlab.prepare")
         return meta
 
+    def check_vae_matches(self, vae_name: str, recipe=None, codec_path: str | None = None, meta=None) -> None:
+        """The latents here were made with the VAE a config names (else decoding them is garbage):
+        its name, the small VAE's ``recipe`` (``check_cached`` against the one in ``vae/``) and a
+        pretrained VAE's ``codec_path``. ``meta``: this dir's meta.json, when already read."""
+        stored = (self.read_meta() if meta is None else meta).get("vae", {})
+        if "name" in stored and stored["name"] != vae_name:
+            raise ValueError(
+                f"vae={vae_name} but {self.root} was prepared with vae={stored['name']}; "
+                f"expected vae={stored['name']} (or another data.prepared_dir)"
+            )
+        if recipe is not None:
+            recipe.check_cached(self.vae)
+        if codec_path and stored.get("path") and stored["path"] != codec_path:
+            raise ValueError(
+                f"vae.codec.path={codec_path} but {self.root} was encoded with {stored['path']}; expected the same VAE"
+            )
+
     @staticmethod
     def _read_local(path: Path) -> bytes | None:
         return path.read_bytes() if path.is_file() else None

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
 import ditlab
 from ditlab.data.extract import extract_split
@@ -65,24 +67,6 @@ class EncodeSettings:
         return torch.device("cuda", process_rank().local_rank)
 
 
-def check_vae_matches(
-    vae_name: str, recipe: SmallVAERecipe | None, codec_path: str | None, meta: dict, prepared: PreparedDir
-) -> None:
-    """The prepared latents were made with the VAE the config names (else decoding them is garbage)."""
-    stored = meta.get("vae", {})
-    if "name" in stored and stored["name"] != vae_name:
-        raise ValueError(
-            f"vae={vae_name} but {prepared.root} was prepared with vae={stored['name']}; "
-            f"expected vae={stored['name']} (or another data.prepared_dir)"
-        )
-    if recipe is not None:
-        recipe.check_cached(prepared.vae)
-    if codec_path and stored.get("path") and stored["path"] != codec_path:
-        raise ValueError(
-            f"vae.codec.path={codec_path} but {prepared.root} was encoded with {stored['path']}; expected the same VAE"
-        )
-
-
 def fit_codec(
     recipe: SmallVAERecipe | None, make_codec: Callable | None, train_source, prepared, device, rank: int, wait_s: float
 ):
@@ -93,6 +77,25 @@ def fit_codec(
     if rank != 0:
         wait_until(prepared.vae.is_dir, wait_s, f"rank 0's small VAE in {prepared.vae}")
     return recipe.fit_or_load(train_source, prepared.vae, device, log=log.info)
+
+
+def prepare_from_config(cfg: DictConfig) -> Path:
+    """``prepare_dataset`` with its arguments built from the ``data``, ``vae`` and ``encode`` config
+    groups (what ``ditlab.prepare`` and ``ditlab.train``'s ``prepare_if_missing`` run)."""
+    make_source = instantiate(cfg.data.source, _partial_=True)
+    return prepare_dataset(
+        PreparedDir(cfg.data.prepared_dir, OmegaConf.select(cfg, "data.module.cache_dir")),  # s3://: staged there
+        dataset_name=cfg.data.name,
+        make_source=lambda split: make_source(split=split),
+        splits=list(cfg.data.splits),
+        vae_name=cfg.vae.name,
+        recipe=instantiate(cfg.vae.recipe) if cfg.vae.get("recipe") else None,
+        make_codec=instantiate(cfg.vae.codec, _partial_=True) if cfg.vae.get("codec") else None,
+        flip=cfg.data.flip,
+        store_images=cfg.data.store_images,
+        encode=instantiate(cfg.encode),
+        reference=instantiate(cfg.data.reference) if cfg.data.get("reference") else None,
+    )
 
 
 def prepare_dataset(
@@ -117,7 +120,7 @@ def prepare_dataset(
     device = encode.torch_device()
     wants_reference = reference is not None and reference.extractor is not None
     if prepared.is_prepared():
-        check_vae_matches(vae_name, recipe, _codec_path(make_codec), prepared.read_meta(), prepared)
+        prepared.check_vae_matches(vae_name, recipe, _codec_path(make_codec))
         if wants_reference and not prepared.reference(reference.extractor).is_file():
             # e.g. a directory prepared before its reference statistics were configured
             _add_reference(reference, make_source, splits, prepared, device, rank, encode.wait_s)

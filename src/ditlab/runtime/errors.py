@@ -14,7 +14,8 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -26,6 +27,17 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 CONF_DIR = str(Path(__file__).parents[1] / "conf")
 BAD_INPUT_EXIT = 2
 INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
+# Options that moved (old key -> new key): a command line or config that still sets the old one
+# gets one line naming the new one.
+MOVED_OPTIONS = {
+    "trainer.gradient_clip_val": "module.gradient_clip_val",  # the training step clips (manual optimization)
+    "trainer.accumulate_grad_batches": "module.accumulate_grad_batches",  # and accumulates
+}
+
+
+def moved_option(key: str, value) -> str:
+    """The one line for an option set under its old key."""
+    return f"{key}={value}: the option moved; expected {MOVED_OPTIONS[key]}={value}"
 
 
 TIME_GUARD_EXIT = 6
@@ -67,19 +79,45 @@ def config_error_message(err) -> str:
     return f"{key}: {first_line(err)}" if key else first_line(err)
 
 
-def exit_on_error(prog: str, fn: Callable, *args, errors=INPUT_ERRORS):
-    """Run a command; a bad input becomes one line on stderr and exit status 2 (no traceback).
-    An object the config could not build (Hydra's InstantiationException) is judged by its cause."""
+class ConfigError(ValueError):
+    """Bad input (a config, an override, a file it names), reported as one line with ``exit_code``:
+    2, or the exit status its cause has (e.g. an object store that stopped answering)."""
+
+    def __init__(self, message: str, exit_code: int = BAD_INPUT_EXIT):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@contextmanager
+def config_errors(errors: tuple = INPUT_ERRORS, causes: tuple | None = None) -> Iterator[None]:
+    """Inside, bad input raises ``ConfigError`` (one line): OmegaConf's errors (a ``???`` left unset,
+    a bad interpolation: the key named), ``errors``, and an object the config could not build
+    (Hydra's InstantiationException) when its cause is one of ``causes`` (default: ``errors``), judged
+    by that cause. Anything else goes on as it is."""
+    causes = errors if causes is None else causes
     try:
-        return fn(*args)
+        yield
+    except ConfigError:
+        raise
     except OmegaConfBaseException as err:
-        fail(prog, config_error_message(err))
+        raise ConfigError(config_error_message(err)) from err
     except InstantiationException as err:
-        if not isinstance(err.__cause__, errors):
+        cause = err.__cause__ or err
+        if not isinstance(cause, causes):
             raise
-        fail(prog, str(err.__cause__) or type(err.__cause__).__name__, code=exit_code(err.__cause__))
+        raise ConfigError(first_line(cause), exit_code(cause)) from err
     except errors as err:
-        fail(prog, str(err) or type(err).__name__, code=exit_code(err))
+        raise ConfigError(first_line(err), exit_code(err)) from err
+
+
+def exit_on_error(prog: str, fn: Callable, *args, errors=INPUT_ERRORS):
+    """Run a command; bad input (``config_errors``) becomes one line on stderr and its exit status
+    (2 unless the cause has its own), without a traceback."""
+    try:
+        with config_errors(errors):
+            return fn(*args)
+    except ConfigError as err:
+        fail(prog, str(err), code=err.exit_code)
 
 
 def exit_code(err: BaseException) -> int:
@@ -119,6 +157,11 @@ def _unparsable(overrides: list[str]) -> str | None:
 
 def composition_error(text: str, overrides: list[str] = ()) -> str:
     """Hydra's multi-line composition report -> one line naming the bad value and what was expected."""
+    unknown = re.search(r"Could not override '([^']+)'", text)
+    if unknown and unknown.group(1) in MOVED_OPTIONS:
+        key = unknown.group(1)
+        given = next((o for o in overrides if o.partition("=")[0] == key), f"{key}=<value>")
+        return moved_option(key, given.partition("=")[2])
     missing = re.search(r"Could not find '([^']+)/([^']+)'", text)
     if missing:
         group, option = missing.groups()

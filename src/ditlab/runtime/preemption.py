@@ -90,8 +90,6 @@ class Preemption(Callback):
         return step % every == 0 or last
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.fit_loop._should_accumulate():
-            return  # mid-step: the boundary is the micro-batch that completes the optimizer step
         stop = self.received is not None
         if trainer.world_size > 1:  # every rank must agree: saving is collective
             if not self.agrees_now(trainer):

@@ -1,19 +1,25 @@
-"""When a training-time action is due (the callbacks and the LightningModule ask the same question)."""
+"""When a training-time action is due (the module and the callbacks ask the same question).
+
+One training batch is one optimizer step (with gradient accumulation the batch holds the step's
+micro-batches: ``DiTModule.training_step``), so the answers count optimizer steps, from the public
+``trainer.global_step``.
+"""
 
 from __future__ import annotations
 
 
 def at_optimizer_step(trainer, every_n_steps: int) -> bool:
-    """True once per optimizer step whose number is a positive multiple of ``every_n_steps``
-    (with gradient accumulation: only on the micro-batch that completes the step)."""
+    """After a step (in ``on_train_batch_end``): True when its number is a positive multiple of ``every_n_steps``."""
     step = trainer.global_step
-    return every_n_steps > 0 and step > 0 and step % every_n_steps == 0 and not trainer.fit_loop._should_accumulate()
+    return every_n_steps > 0 and step > 0 and step % every_n_steps == 0
 
 
-def logs_this_step(trainer) -> bool:
-    """True on the steps whose logged values the loggers write (every ``log_every_n_steps``):
-    Lightning's own rule, asked before the step runs, the same on every rank and micro-batch."""
-    return trainer._logger_connector.should_update_logs
+def logs_at(trainer, step: int) -> bool:
+    """Whether the loggers write the values logged at optimizer step ``step`` (1-based): Lightning's
+    rule, every ``trainer.log_every_n_steps`` steps and when the trainer is stopping; the same on
+    every rank."""
+    every = trainer.log_every_n_steps
+    return every > 0 and (step % every == 0 or trainer.should_stop)
 
 
 def on_progress_bar(pl_module) -> bool:

@@ -60,7 +60,6 @@ class EMA(nn.Module):
         # The plain module on the meta device, to materialize full copies into (in a list: not a
         # submodule, not in the state).
         self._skeleton: list[nn.Module] = [meta_copy(self.net)]
-        self._sharded = False
         self._paired: _Pairs | None = None  # the tensors update() pairs, listed on its first call
 
     def current_decay(self) -> float:
@@ -73,7 +72,6 @@ class EMA(nn.Module):
     @torch.no_grad()
     def shard_like(self, net: nn.Module) -> None:
         """Shard every averaged tensor as ``net``'s (an FSDP2-sharded network with the same names)."""
-        self._sharded = True
         for (name, p), (ema_name, ema_p) in zip(net.named_parameters(), list(self.net.named_parameters())):
             assert name == ema_name
             if is_sharded(p):
@@ -83,7 +81,11 @@ class EMA(nn.Module):
 
     def full_net(self) -> nn.Module:
         """The averaged network as a plain module with full weights (collective when sharded)."""
-        return self.materialize(self.net) if self._sharded else self.net
+        return self.materialize(self.net) if self.sharded else self.net
+
+    @property
+    def sharded(self) -> bool:
+        return any(is_sharded(p) for p in self.net.parameters())
 
     def materialize(self, net: nn.Module) -> nn.Module:
         """``net`` (the EMA's or the training network: same names) as a plain module in eval mode
@@ -107,16 +109,14 @@ class EMA(nn.Module):
             self._paired = _Pairs(net, averaged, copied, _slots(net) + _slots(self.net))
         return self._paired
 
-    def trainable(self, net: nn.Module) -> list[torch.Tensor]:
-        """``net``'s trainable parameters (the averaged ones), from the same listing: the module's
-        gradient norm walks them every step."""
-        return [p for p, _ in self._pairs(net).averaged]
-
     @torch.no_grad()
-    def update(self, net: nn.Module, keep: torch.Tensor | None = None) -> None:
-        """One EMA step towards ``net``. ``keep``: a 0-dim 0./1. tensor on the device that masks the
-        step without a host sync (0: a skipped non-finite step, nothing changes but the host count
-        behind the warm-up decay)."""
+    def update(self, net: nn.Module, keep: bool | torch.Tensor = True) -> None:
+        """One EMA step towards ``net``, unless ``keep`` is False (a skipped non-finite step: nothing
+        changes). ``keep`` may be a 0-dim 0./1. tensor on the device that masks the step without a host
+        sync (0: nothing changes but the host count behind the warm-up decay)."""
+        if keep is False:
+            return
+        keep = None if keep is True else keep
         decay = self.current_decay()
         pairs = self._pairs(net)
         ema_params, params = [], []

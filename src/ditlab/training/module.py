@@ -1,6 +1,11 @@
-"""DiTModule: network + training objective + optimizer + EMA bookkeeping, nothing else.
+"""DiTModule: network + training objective + optimizer + EMA, and the training step.
 
-The diffusion math lives in ``ditlab.diffusion``; sampling, grids and metrics live in callbacks.
+The step is one method, ``training_step`` (Lightning's manual optimization; torchtitan's
+``train_step`` and EDM2's loop read the same way): per micro-batch, draw the step's streams -> loss
+(+ REPA) -> backward; then the gradient norm -> the non-finite decision -> clip -> optimizer step
+(or skip) -> LR schedule -> EMA -> log. Nothing is handed from one hook to another. The diffusion
+math lives in ``ditlab.diffusion``; sampling, grids and metrics live in callbacks.
+
 Every random draw of a step comes from its own named stream (``ditlab.seeding``): timesteps,
 diffusion noise and label dropout, each seeded from (seed, stream, rank, step, micro-batch), so a
 resumed run continues the very same random streams (EDM2's practice) and no two streams coincide.
@@ -8,21 +13,28 @@ resumed run continues the very same random streams (EDM2's practice) and no two 
 
 from __future__ import annotations
 
-import inspect
+import copy
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import torch
 from lightning import LightningModule
+from lightning.pytorch.strategies import ParallelStrategy
 from torchmetrics.aggregation import MeanMetric
 
+from ditlab.models.dit import DiT
 from ditlab.runtime.record import CheckpointRecord
 from ditlab.seeding import stream_generator, stream_seed
-from ditlab.training.cadence import logs_this_step, on_progress_bar
+from ditlab.training.cadence import logs_at, on_progress_bar
 from ditlab.training.ema import EMA
 from ditlab.training.nonfinite import NonFiniteSteps
 from ditlab.training.parallel import checkpointed_blocks, is_sharded, parallelize, shard
 from ditlab.training.repa import REPA
 from ditlab.training.validation import FIXED_GRID, check_grid, fixed_loss_values, fixed_timestep_losses
+
+# The torch optimizers with a fused kernel (one kernel over all parameters): made fused unless the
+# config says ``optim.optimizer.fused=false``.
+FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
 
 
 class DiTModule(LightningModule):
@@ -41,6 +53,10 @@ class DiTModule(LightningModule):
         clean images, (latents, labels, images).
     val_grid / val_seed: the fixed-timestep validation loss (``training.validation``): its times and its
         noise seed (not the run's: runs of other seeds measure alike).
+    gradient_clip_val: clip the global gradient norm to this (None or 0: no clipping).
+    accumulate_grad_batches: micro-batches per optimizer step. A training batch holds them one after
+        another (the data module groups them: ``data.module.micro_batches``); their gradients add
+        up, and under DDP they are all-reduced once, after the last.
     record: what reading a checkpoint needs (``runtime.record``: the architecture, the codec, the
         class names, the sampler, the resolved run config...), stored in every checkpoint.
 
@@ -64,9 +80,16 @@ class DiTModule(LightningModule):
         repa: REPA | None = None,
         val_grid: Sequence[float] = FIXED_GRID,
         val_seed: int = 0,
+        gradient_clip_val: float | None = None,
+        accumulate_grad_batches: int = 1,
         record: CheckpointRecord | None = None,
     ):
         super().__init__()
+        self.automatic_optimization = False  # the step is training_step, read top to bottom
+        if accumulate_grad_batches < 1:
+            raise ValueError(f"module.accumulate_grad_batches={accumulate_grad_batches}; expected an integer >= 1")
+        if gradient_clip_val is not None and gradient_clip_val < 0:
+            raise ValueError(f"module.gradient_clip_val={gradient_clip_val}; expected a number > 0 (or null: off)")
         self.net = net
         self.objective = objective
         self.optimizer_factory = optimizer
@@ -76,13 +99,13 @@ class DiTModule(LightningModule):
         checkpointed_blocks(len(net.blocks), activation_checkpointing)  # a bad value fails here, before training
         self.activation_checkpointing = activation_checkpointing
         self.seed = seed
+        self.gradient_clip_val = gradient_clip_val
+        self.accumulate_grad_batches = accumulate_grad_batches
         self.record = record
         self.nonfinite = NonFiniteSteps(max_nonfinite_steps)
         self.train_means = torch.nn.ModuleDict()  # logged training values: running means between logs
+        self.net_trainable: list[torch.nn.Parameter] = []  # what the gradient norm measures (configure_optimizers)
         self._parallelized = False
-        # Whether the network draws its label dropout from a generator it is handed (ditlab's DiT);
-        # another backbone (forward(x, t, y)) gets its stream through the global RNG instead.
-        self._takes_dropout_generator = "dropout_generator" in inspect.signature(net.forward).parameters
         self.val_grid, self.val_seed = check_grid(val_grid), val_seed
         self.repa = repa
         if repa is not None:  # after the EMA's copy: the average has no hook and no projector
@@ -115,57 +138,91 @@ class DiTModule(LightningModule):
         return self.ema.full_net() if use_ema else self.ema.materialize(self.net)
 
     def configure_optimizers(self):
-        params = [p for p in self.net.parameters() if p.requires_grad]
+        # Listed here, after configure_model sharded them: the tensors the optimizer holds.
+        self.net_trainable = [p for p in self.net.parameters() if p.requires_grad]
+        params = list(self.net_trainable)
         if self.repa is not None:
             params += list(self.repa.projector.parameters())
         extra = {}
-        # Fused AdamW (one kernel over all parameters) unless optim.optimizer.fused=false: on CUDA, and
-        # on the CPU too, where it is faster as well (experiments/benchmarks/README.md).
-        if self.device.type in ("cuda", "cpu") and "fused" in inspect.signature(self.optimizer_factory).parameters:
-            extra = {"fused": getattr(self.optimizer_factory, "keywords", {}).get("fused") is not False}
-        optimizer = self.optimizer_factory(params, **extra)
+        # Fused (one kernel over all parameters) unless optim.optimizer.fused=false: on CUDA, and on
+        # the CPU too, where it is faster as well (experiments/benchmarks/README.md).
+        factory = self.optimizer_factory
+        kind = getattr(factory, "func", factory)  # the class behind a functools.partial
+        if self.device.type in ("cuda", "cpu") and isinstance(kind, type) and issubclass(kind, FUSED_OPTIMIZERS):
+            extra = {"fused": getattr(factory, "keywords", {}).get("fused") is not False}
+        optimizer = factory(params, **extra)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------ training
-    def training_step(self, batch, batch_idx: int):
-        latents, labels, *images = batch  # (N, C, H, W) model-space latents, (N,) labels[, (N, C', H', W') uint8]
-        at = (self.global_rank, self.global_step, batch_idx % self.trainer.accumulate_grad_batches)
-        device = latents.device
-        t = self.objective.sample_t(
-            latents.shape[0], device=device, generator=stream_generator(device, self.seed, "timesteps", *at)
-        )
-        noise = torch.randn(
-            latents.shape, device=device, generator=stream_generator(device, self.seed, "diffusion_noise", *at)
-        )
-        # Label dropout draws inside the model from its own stream. Handed as a generator, not by
-        # reseeding the global RNG: torch.manual_seed also queues a seed for every lazy accelerator
-        # backend (CUDA, XPU, MTIA), formatting a stack trace for each, host time that a small
-        # model's step cannot spare (measured in experiments/benchmarks/README.md).
-        model_kwargs = {"y": labels}
-        if self._takes_dropout_generator:
-            model_kwargs["dropout_generator"] = stream_generator(device, self.seed, "label_dropout", *at)
-        else:  # the same numbers, the slow way
-            torch.manual_seed(stream_seed(self.seed, "label_dropout", *at))
-        terms = self.objective.training_losses(self.net, latents, t, model_kwargs, noise=noise)
-        if self.repa is not None:  # the tokens of the forward just run, against the clean images' features
-            terms["repa"] = self.repa.loss(images[0])
-            terms["loss"] = terms["loss"] + self.repa.coef * terms["repa"]
-        loss = terms["loss"].mean()
-        # Every step adds to a running mean on the device (no sync); only on the steps the loggers
-        # write (every trainer.log_every_n_steps, last micro-batch) is it reduced over ranks and read:
-        # the logged value is the mean over all ranks and all steps since the last log, not rank 0's
-        # last batch (fast-DiT logged rank 0's).
-        for name, value in terms.items():
-            self._window_mean(name, device).update(value.detach().mean())
-        if logs_this_step(self.trainer) and not self.trainer.fit_loop._should_accumulate():
-            bar = on_progress_bar(self)
-            for name, mean in self.train_means.items():
-                self.log(f"train/{name}", mean.compute(), on_step=True, on_epoch=False, prog_bar=bar and name == "loss")
-                mean.reset()
-        return loss
+    def training_step(self, batch, batch_idx: int) -> dict:
+        """One optimizer step. ``batch``: (latents (K*N, C, H, W) model-space, labels (K*N,)[, images
+        (K*N, C', H', W') uint8]), K = ``accumulate_grad_batches`` micro-batches of N one after another."""
+        stepper, scheduler = self.optimizers(), self.lr_schedulers()  # Lightning's wrapper counts the steps
+        optimizer = stepper.optimizer
+        logging = logs_at(self.trainer, self.global_step + 1)  # about the step this batch makes
+        micro_batches = list(zip(*(part.chunk(self.accumulate_grad_batches) for part in batch)))
+        step_loss = 0.0
+        for micro, (latents, labels, *images) in enumerate(micro_batches):
+            at, device = (self.global_rank, self.global_step, micro), latents.device
+            t = self.objective.sample_t(
+                latents.shape[0], device=device, generator=stream_generator(device, self.seed, "timesteps", *at)
+            )
+            noise = torch.randn(
+                latents.shape, device=device, generator=stream_generator(device, self.seed, "diffusion_noise", *at)
+            )
+            model_kwargs = {"y": labels, **self._label_dropout(device, at)}
+            with self._gradient_sync(micro == len(micro_batches) - 1):
+                terms = self.objective.training_losses(self.net, latents, t, model_kwargs, noise=noise)
+                if self.repa is not None:  # the tokens of the forward just run, against the clean images' features
+                    terms["repa"] = self.repa.loss(self.repa.take_tokens(), images[0])
+                    terms["loss"] = terms["loss"] + self.repa.coef * terms["repa"]
+                loss = terms["loss"].mean() / self.accumulate_grad_batches
+                self.manual_backward(loss)
+            step_loss = step_loss + loss.detach()
+            # Every step adds to a running mean on the device (no sync); only on the steps the
+            # loggers write is it reduced over ranks and read: the logged value is the mean over all
+            # ranks and all steps since the last log, not rank 0's last batch (fast-DiT logged rank 0's).
+            for name, value in terms.items():
+                self._window_mean(name, device).update(value.detach().mean())
+
+        # The gradient norm only when it is logged or the non-finite guard needs it (that guard syncs
+        # with the host every step unless the optimizer is fused; module.max_nonfinite_steps=0: off).
+        norm = self._grad_norm() if logging or self.nonfinite.enabled else None
+        keep = self.nonfinite.decide(optimizer, norm)  # drops the gradients, or arms the fused found_inf
+        if logging:  # before the step: a run stopped below still logged the step that stopped it
+            self._log_step(norm, optimizer.param_groups[0]["lr"])
+        if self.gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+        stepper.step()  # advances global_step, also when the update is skipped
+        optimizer.zero_grad(set_to_none=True)
+        self.nonfinite.stop_on_streak(self.global_step, read=logging)
+        if scheduler is not None:
+            scheduler.step()
+        # Before the checkpoint callbacks (on_train_batch_end): a checkpoint of step N holds N EMA updates.
+        self.ema.update(self.net, keep)  # a skipped step leaves the EMA alone; a device mask masks it
+        return {"loss": step_loss}
+
+    def _label_dropout(self, device, at: tuple[int, int, int]) -> dict:
+        """The model's label dropout draws from its own stream. ditlab's DiT takes it as a generator,
+        not by reseeding the global RNG: torch.manual_seed also queues a seed for every lazy
+        accelerator backend (CUDA, XPU, MTIA), formatting a stack trace for each, host time that a
+        small model's step cannot spare (measured in experiments/benchmarks/README.md). Another
+        backbone (forward(x, t, y)) gets the same numbers the slow way, through the global RNG."""
+        if isinstance(self.net, DiT):
+            return {"dropout_generator": stream_generator(device, self.seed, "label_dropout", *at)}
+        torch.manual_seed(stream_seed(self.seed, "label_dropout", *at))
+        return {}
+
+    def _gradient_sync(self, last_micro_batch: bool):
+        """DDP all-reduces the gradients in the backward of the step's last micro-batch only; the
+        others accumulate on each rank (Lightning's public ``block_backward_sync``)."""
+        strategy = self.trainer.strategy
+        if last_micro_batch or not isinstance(strategy, ParallelStrategy):
+            return nullcontext()
+        return strategy.block_backward_sync()
 
     def _window_mean(self, name: str, device) -> MeanMetric:
         if name not in self.train_means:  # the objective decides the terms (loss, mse, vb)
@@ -173,35 +230,25 @@ class DiTModule(LightningModule):
             self.train_means[name] = MeanMetric(nan_strategy="disable").to(device)
         return self.train_means[name]
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        # The gradient norm only when it is logged, or when the non-finite guard needs it (that
-        # guard syncs with the host every step unless the optimizer is fused; module.max_nonfinite_steps=0
-        # turns it off).
-        logging = logs_this_step(self.trainer)
-        norm = self._grad_norm() if logging or self.nonfinite.enabled else None
-        torch_optimizer = getattr(optimizer, "_optimizer", optimizer)  # Lightning may hand its wrapper
-        self.nonfinite.before_optimizer_step(torch_optimizer, norm, logging)
-        if logging:
-            if norm is not None:
-                self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
-            self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
-            self.log("train/skipped_steps", self.nonfinite.skipped_so_far(), on_step=True, on_epoch=False)
+    def _log_step(self, grad_norm: torch.Tensor | None, lr: float) -> None:
+        """The running means since the last log (reduced over ranks), the gradient norm before
+        clipping, the step's learning rate and the skipped steps so far."""
+        bar = on_progress_bar(self)
+        for name, mean in self.train_means.items():
+            self.log(f"train/{name}", mean.compute(), on_step=True, on_epoch=False, prog_bar=bar and name == "loss")
+            mean.reset()
+        if grad_norm is not None:
+            self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
+        self.log("train/lr", lr, on_step=True, on_epoch=False)
+        self.log("train/skipped_steps", self.nonfinite.skipped_so_far(), on_step=True, on_epoch=False)
 
     def _grad_norm(self) -> torch.Tensor | None:
-        """The global 2-norm of the trainable parameters' gradients (None when there are none)."""
-        grads = [p.grad for p in self.ema.trainable(self.net) if p.grad is not None]
+        """The global 2-norm of the network's trainable parameters' gradients (None when there are none)."""
+        grads = [p.grad for p in self.net_trainable if p.grad is not None]
         if not grads:
             return None
         norm = torch.nn.utils.get_total_norm(grads)
         return norm.full_tensor() if is_sharded(norm) else norm  # sharded: the shards' norms make the full norm
-
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        # Here, not in on_train_batch_end: Lightning runs the checkpoint callback's batch-end hook
-        # before the module's, so a checkpoint at step N would hold the EMA after N - 1 updates.
-        ema_step = self.nonfinite.after_optimizer_step(self.global_step)
-        if ema_step.update:  # a skipped (non-finite) step leaves the EMA alone; the device path masks it
-            self.ema.update(self.net, keep=ema_step.keep)
 
     def validation_step(self, batch, batch_idx: int):
         latents, labels, *_ = batch  # held-out posterior means, unflipped[, images]
@@ -213,21 +260,15 @@ class DiTModule(LightningModule):
         noise = torch.randn(
             latents.shape, device=device, generator=stream_generator(device, self.seed, "val_diffusion_noise", *at)
         )
-        terms = self.objective.training_losses(self._val_net[0], latents, t, {"y": labels}, noise=noise)
+        net = self.sampling_net(use_ema=True)  # every rank: collective under sharding
+        terms = self.objective.training_losses(net, latents, t, {"y": labels}, noise=noise)
         self.log("val/loss_ema", terms["loss"].mean(), on_epoch=True, sync_dist=True)
         batch_key = (self.global_rank, batch_idx)  # the fixed loss's noise: the same at every step
         fixed = fixed_timestep_losses(
-            self._val_net[0], self.objective, latents, labels, self.val_grid, self.val_seed, batch_key
+            net, self.objective, latents, labels, self.val_grid, self.val_seed, batch_key
         )
         for name, value in fixed_loss_values(fixed, self.val_grid).items():
             self.log(name, value, on_epoch=True, sync_dist=True, batch_size=len(latents))
-
-    def on_validation_start(self) -> None:
-        # Gathered once per validation, on every rank; in a list so that it is not a submodule.
-        self._val_net = [self.sampling_net(use_ema=True)]
-
-    def on_validation_end(self) -> None:
-        self._val_net = []
 
     # ------------------------------------------------------------ checkpoint extras
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -241,9 +282,25 @@ class DiTModule(LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        count_steps_as_manual_optimization(checkpoint)
         self.nonfinite.load_state_dict(checkpoint.get("ditlab", {}).get("nonfinite", {}))
         rng = checkpoint.get("ditlab", {}).get("rng")
         if rng:
             torch.set_rng_state(rng["torch"])
             if rng["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+MANUAL_STEPS = "epoch_loop.manual_optimization.optim_step_progress"
+AUTOMATIC_PROGRESS = "epoch_loop.automatic_optimization.optim_progress"
+
+
+def count_steps_as_manual_optimization(checkpoint: dict) -> None:
+    """A checkpoint written before the module optimized by hand (Lightning counted its steps in the
+    automatic loop's progress): the same count for the manual loop, which ``trainer.global_step``
+    reads when it resumes (else a resumed run would start again at step 0). In place."""
+    loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    automatic = loop.get(AUTOMATIC_PROGRESS, {}).get("optimizer", {}).get("step")
+    manual = loop.get(MANUAL_STEPS)
+    if automatic and manual and automatic["total"]["completed"] > manual["total"]["completed"]:
+        loop[MANUAL_STEPS] = copy.deepcopy(automatic)

@@ -15,16 +15,17 @@ logging step reads them, so a streak stops the run at the first logging step aft
 row. With other optimizers the decision costs one host sync per optimizer step (a scalar
 ``isfinite``). ``max_consecutive=0`` turns the guard off (no check, no sync).
 
-A step asks the guard twice: ``before_optimizer_step`` (with the gradient norm) decides, and
-``after_optimizer_step`` says how the EMA may follow (``EMAStep``); what lies between the two calls
-is the guard's own state.
+The training step asks twice: ``keep = guard.decide(optimizer, grad_norm)`` before
+``optimizer.step()`` (counts the step, drops its gradients or arms ``found_inf``) and
+``guard.stop_on_streak(step, read)`` after it. ``keep`` is what the EMA update is told: True,
+False, or a 0-dim 0./1. tensor on the device.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
+
+Keep = bool | torch.Tensor  # an update kept (True), skipped (False), or a 0-dim 0./1. mask on the device
 
 
 def skips_on_device(optimizer) -> bool:
@@ -36,83 +37,71 @@ def skips_on_device(optimizer) -> bool:
     )
 
 
+def not_finite(grad_norm: torch.Tensor) -> torch.Tensor:
+    """0-dim float on the device: 1. when the gradient norm is not finite (the fused ``found_inf``)."""
+    return (~torch.isfinite(grad_norm.detach().float())).float().reshape(())
+
+
 class NonFiniteTraining(RuntimeError):
     """Too many non-finite steps in a row: the run cannot recover by itself."""
 
 
-class EMAStep(NamedTuple):
-    """How the EMA follows an optimizer step: not at all, fully, or masked by a device flag."""
-
-    update: bool
-    keep: torch.Tensor | None = None  # 0-dim 0./1. on the device: the step's update was kept
-
-
 class NonFiniteSteps:
+    """The run's count of skipped steps (in the checkpoint) and the decision for each step."""
+
     def __init__(self, max_consecutive: int = 10):
         if max_consecutive < 0:
             raise ValueError(f"module.max_nonfinite_steps={max_consecutive}; expected an integer >= 0 (0: off)")
         self.max_consecutive = max_consecutive
         self.skipped = 0  # in the whole run (restored from the checkpoint)
         self.consecutive = 0
-        self._skip = False  # the host path's decision for the step under way
-        self._keep: torch.Tensor | None = None  # the device path's mask for the step under way
-        self._read_counters = False  # the device path: read the counters after this step (a logging step)
-        self._on_device: tuple[torch.Tensor, torch.Tensor] | None = None  # (skipped, consecutive)
+        self._on_device: tuple[torch.Tensor, torch.Tensor] | None = None  # (skipped, consecutive): fused path
 
     @property
     def enabled(self) -> bool:
         return self.max_consecutive > 0
 
-    def before_optimizer_step(self, optimizer, grad_norm: torch.Tensor | None, logging: bool) -> None:
-        """Decide about the step under way from its gradient norm (identical on every rank after the
-        all-reduce; a rank's own loss is not, and ranks that disagree about skipping drift apart).
-        ``optimizer`` is the torch optimizer: a fused one gets ``found_inf``, another has its
-        gradients dropped when the step is skipped (one host sync)."""
-        self._skip, self._keep, self._read_counters = False, None, logging
+    def decide(self, optimizer, grad_norm: torch.Tensor | None) -> Keep:
+        """Before ``optimizer.step()``: whether this step's update is kept, from its gradient norm
+        (identical on every rank after the all-reduce; a rank's own loss is not, and ranks that
+        disagree about skipping drift apart), counted. ``optimizer`` is the torch optimizer: a fused
+        one gets ``found_inf`` (the answer is then a device mask, counted on the device), another
+        has its gradients dropped when the step is skipped (one host sync)."""
         if not self.enabled or grad_norm is None:
-            return
-        if skips_on_device(optimizer):
-            optimizer.found_inf = self._flag(grad_norm)
-            self._keep = 1.0 - optimizer.found_inf
-        elif not bool(torch.isfinite(grad_norm.detach().float()).all()):
-            self._skip = True
-            optimizer.zero_grad(set_to_none=True)  # the optimizer then updates nothing
-
-    def after_optimizer_step(self, step: int) -> EMAStep:
-        """After the optimizer step: count it, stop a streak (``NonFiniteTraining``), and say how the
-        EMA may follow."""
-        if self._keep is not None:
-            if self._read_counters:
-                self.sync(step)
-            return EMAStep(True, self._keep)
-        if not self._skip:
             self.consecutive = 0
-            return EMAStep(True)
+            return True
+        if skips_on_device(optimizer):
+            found = not_finite(grad_norm)
+            optimizer.found_inf = found
+            if self._on_device is None:
+                self._on_device = (
+                    torch.tensor(float(self.skipped), device=found.device),
+                    torch.tensor(float(self.consecutive), device=found.device),
+                )
+            skipped, consecutive = self._on_device
+            skipped.add_(found)
+            consecutive.add_(found).mul_(found)  # + 1 while skipping, back to 0 on a real update
+            return 1.0 - found
+        if bool(torch.isfinite(grad_norm.detach().float()).all()):
+            self.consecutive = 0
+            return True
+        optimizer.zero_grad(set_to_none=True)  # the optimizer then updates nothing
         self.skipped += 1
         self.consecutive += 1
-        self._raise_on_streak(step)
-        return EMAStep(False)
+        return False
+
+    def stop_on_streak(self, step: int, read: bool) -> None:
+        """After ``optimizer.step()``: raise ``NonFiniteTraining`` when the skipped steps in a row
+        reached ``max_consecutive``. The device counts are read (a host sync) only when ``read``
+        (logging steps)."""
+        if self._on_device is None:
+            self._raise_on_streak(step)
+        elif read:
+            self.sync(step)
 
     def skipped_so_far(self) -> torch.Tensor | float:
         """Skipped steps in the run, for the logs: a device tensor on the device path (no sync)."""
-        if self._on_device is not None:
-            return self._on_device[0]
-        return float(self.skipped + self._skip)
-
-    # ---------------------------------------------------------------- the device path (fused optimizers)
-    def _flag(self, grad_norm: torch.Tensor) -> torch.Tensor:
-        """0-dim float on the device, 1. when this step's gradient norm is not finite: the fused
-        optimizer's ``found_inf``. The counters are updated on the device; no host sync."""
-        found = (~torch.isfinite(grad_norm.detach().float())).float().reshape(())
-        if self._on_device is None:
-            self._on_device = (
-                torch.tensor(float(self.skipped), device=found.device),
-                torch.tensor(float(self.consecutive), device=found.device),
-            )
-        skipped, consecutive = self._on_device
-        skipped.add_(found)
-        consecutive.add_(found).mul_(found)  # + 1 while skipping, back to 0 on a real update
-        return found
+        return self._on_device[0] if self._on_device is not None else float(self.skipped)
 
     def sync(self, step: int) -> None:
         """Read the device counters (a host sync: logging steps and checkpoints only); raise after K in a row."""

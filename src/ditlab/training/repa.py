@@ -4,8 +4,12 @@ through a small MLP projector, are pulled towards a frozen encoder's patch featu
 image (negative cosine similarity, averaged over tokens), weighted by ``coef`` and added to the
 diffusion loss.
 
-The DiT stays a plain nn.Module: the tokens are read by a forward hook on its block, from outside.
-The projector trains with the network but is not part of it (not in the EMA, not exported). The
+The DiT stays a plain nn.Module: the tokens are read by a forward hook on its block, from outside,
+and the training step takes them right after its forward (``take_tokens``) to hand them to
+``loss``. The hook is registered once, before the blocks are compiled, and stays: torch.compile
+does not re-check a module's hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``), so one
+added or removed around each forward would be missed or replayed by the compiled block. The
+projector trains with the network but is not part of it (not in the EMA, not exported). The
 encoder is frozen and kept out of the module's state (its weights come from its own file).
 """
 
@@ -85,12 +89,16 @@ class REPA(nn.Module):
             features = F.adaptive_avg_pool2d(features, self.grid)  # (N, E, G, G)
         return features.flatten(2).transpose(1, 2)  # (N, T, E)
 
-    def loss(self, images: torch.Tensor) -> torch.Tensor:
-        """Per sample (N,): 1 - the cosine similarity of the projected tokens (kept by the last
-        training forward) with the encoder's features, averaged over tokens. REPA writes it as the
-        negative similarity; the constant 1 keeps the logged value in [0, 2] and changes no gradient."""
+    def take_tokens(self) -> torch.Tensor:
+        """The tokens (N, T, D) of the last training forward, handed over once."""
         if self._tokens is None:
             raise RuntimeError("repa: no tokens kept; expected a training forward of the network first")
         tokens, self._tokens = self._tokens, None
+        return tokens
+
+    def loss(self, tokens: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Per sample (N,): 1 - the cosine similarity of the projected tokens (N, T, D) with the
+        encoder's features of ``images``, averaged over tokens. REPA writes it as the negative
+        similarity; the constant 1 keeps the logged value in [0, 2] and changes no gradient."""
         projected = self.projector(tokens.float())  # (N, T, E)
         return 1.0 - F.cosine_similarity(projected, self.target(images).float(), dim=-1).mean(dim=1)

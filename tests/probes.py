@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from lightning import Callback
@@ -79,3 +80,14 @@ class CollectiveProbe(Callback):
             setattr(module, name, original)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / f"collectives_rank{trainer.global_rank}.json").write_text(json.dumps(self.batches, indent=1))
+
+
+class SlowSteps(Callback):
+    """Sleeps ``seconds`` after every training step: a run that lasts long enough for a scheduler's
+    signal or time limit to reach it mid-run, at no CPU cost (the weights do not change)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        time.sleep(self.seconds)

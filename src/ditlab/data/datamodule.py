@@ -107,6 +107,8 @@ class LatentDataModule(LightningDataModule):
             (prepared with ``data.store_images=true``): representation alignment encodes them.
         cache_dir: where a remote directory's chunks (under ``chunks/``) and small files are cached on
             this machine (default ``ditlab.data.storage.cache_root()``); unused for a local directory.
+        multiprocessing_context: how the workers start (None: the platform's default, fork on Linux;
+            "spawn" / "forkserver"). Spawned workers of a remote directory fetch as forked ones do.
     """
 
     def __init__(
@@ -123,6 +125,7 @@ class LatentDataModule(LightningDataModule):
         drop_last: bool = True,
         with_images: bool = False,
         cache_dir: str | None = None,
+        multiprocessing_context: str | None = None,
     ):
         super().__init__()
         if batch_size < 1:
@@ -137,6 +140,7 @@ class LatentDataModule(LightningDataModule):
         self.train_split, self.val_split = train_split, val_split
         self.drop_last = drop_last
         self.cache_dir = cache_dir
+        self.multiprocessing_context = multiprocessing_context
         self.prepared = PreparedDir(self.path, cache_dir)
         self.meta = self.prepared.read_meta()
         if flip and stored_views(self.meta) == 1:
@@ -225,13 +229,17 @@ class LatentDataModule(LightningDataModule):
             self.val_set = self._dataset(self.val_split, shuffle=False)
 
     def _loader(self, dataset):
+        workers = self.num_workers > 0
         return _resumable_loader_class()(
             dataset,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=workers,
             drop_last=self.drop_last,
+            multiprocessing_context=self.multiprocessing_context if workers else None,
+            # the workers do not draw random numbers (module doc): nothing lost where Lightning's seeding is not added
+            worker_init_fn=storage.stream_s3_in_worker if workers and self.prepared.remote else None,
         )
 
     def train_dataloader(self):

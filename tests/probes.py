@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -84,10 +85,13 @@ class CollectiveProbe(Callback):
 
 class SlowSteps(Callback):
     """Sleeps ``seconds`` after every training step: a run that lasts long enough for a scheduler's
-    signal or time limit to reach it mid-run, at no CPU cost (the weights do not change)."""
+    signal or time limit to reach it mid-run, at no CPU cost (the weights do not change). ``restart``:
+    only in that run of a requeued SLURM job (``SLURM_RESTART_COUNT``; 0: the first), the others at
+    full speed."""
 
-    def __init__(self, seconds: float):
-        self.seconds = seconds
+    def __init__(self, seconds: float, restart: int | None = None):
+        self.seconds, self.restart = seconds, restart
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        time.sleep(self.seconds)
+        if self.restart is None or int(os.environ.get("SLURM_RESTART_COUNT") or 0) == self.restart:
+            time.sleep(self.seconds)

@@ -253,7 +253,7 @@ class SlurmCluster:
         if self._daemons.get("slurmctld") and self._daemons["slurmctld"].poll() is None:
             self.run("scancel", "--full", f"--user={os.getuid()}", check=False, timeout=20)
             deadline = time.monotonic() + 15
-            while any(p not in self._daemon_pids() for p in self.processes()) and time.monotonic() < deadline:
+            while self._job_processes() and time.monotonic() < deadline:
                 time.sleep(0.2)
         for name in ("slurmd", "slurmctld", "munged"):
             proc = self._daemons.get(name)
@@ -273,5 +273,16 @@ class SlurmCluster:
                 pass
         return left
 
-    def _daemon_pids(self) -> set[int]:
-        return {proc.pid for proc in self._daemons.values() if proc.poll() is None}
+    def _job_processes(self) -> list[int]:
+        """What the jobs run (tasks, slurmstepd): every process of the cluster but the daemons and
+        slurmctld's helper (slurmscriptd)."""
+        daemons = {proc.pid for proc in self._daemons.values() if proc.poll() is None}
+        found = []
+        for pid in self.processes():
+            try:
+                name = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if pid not in daemons and b"slurmscriptd" not in name:
+                found.append(pid)
+        return found

@@ -7,7 +7,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 
 .PHONY: install train test test-unit test-slow lint bench clean
 
-install: $(STAMP) fashion-mnist
+install: $(STAMP) fashion-mnist slurm
 
 # Re-installs only when the project's dependencies change. tools/install.py: uv with pip's own index
 # settings, and pip itself when uv fails (the two measured: experiments/fmnist_cpu/README.md).
@@ -24,6 +24,20 @@ fashion-mnist:
 	    (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null; \
 	  else \
 	    echo "note: $(FMNIST) is missing; run 'sudo apt-get install dataset-fashion-mnist' for the default dataset"; \
+	  fi; \
+	fi
+
+# A real SLURM for the tests (tests/slurm_cluster.py starts a private one-node cluster from these
+# binaries, its own munge key and conf in a temp dir); installed when missing and we are root. No
+# daemon is started or enabled here.
+.PHONY: slurm
+slurm:
+	@if ! [ -x /usr/sbin/slurmctld ] || ! [ -x /usr/sbin/munged ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge || \
+	     (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge)) >/dev/null; \
+	  else \
+	    echo "note: SLURM is missing; run 'sudo apt-get install slurm-wlm munge' for the SLURM tests (they skip without it)"; \
 	  fi; \
 	fi
 

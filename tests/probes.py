@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 from lightning import Callback
@@ -79,3 +81,17 @@ class CollectiveProbe(Callback):
             setattr(module, name, original)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / f"collectives_rank{trainer.global_rank}.json").write_text(json.dumps(self.batches, indent=1))
+
+
+class SlowSteps(Callback):
+    """Sleeps ``seconds`` after every training step: a run that lasts long enough for a scheduler's
+    signal or time limit to reach it mid-run, at no CPU cost (the weights do not change). ``restart``:
+    only in that run of a requeued SLURM job (``SLURM_RESTART_COUNT``; 0: the first), the others at
+    full speed."""
+
+    def __init__(self, seconds: float, restart: int | None = None):
+        self.seconds, self.restart = seconds, restart
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.restart is None or int(os.environ.get("SLURM_RESTART_COUNT") or 0) == self.restart:
+            time.sleep(self.seconds)

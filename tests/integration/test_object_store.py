@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import uuid
 
 import numpy as np
@@ -27,6 +29,7 @@ from ditlab.runtime import faults
 from helpers import (
     S3_SERVERS,
     assert_same_state,
+    cli_env,
     compose_cfg,
     compose_fault_run,
     compose_run,
@@ -338,3 +341,73 @@ def test_an_unreachable_store_is_one_line_naming_the_url(prepared, tmp_path, mon
         assert last.startswith(f"{prog}: error: {url}/meta.json: the object store at {down.endpoint} did not answer")
         assert "after 2 attempts" in last
     assert not (tmp_path / "p").exists() and not (tmp_path / "t").exists()
+
+
+def test_two_nodes_without_a_shared_filesystem_prepare_one_dir_in_the_store(s3_server, bucket, tmp_path):
+    """Two "nodes" (rank 0 and 1 of 2, each with its own cache dir) prepare one dir in the store: rank 0
+    trains the small VAE and hands it over through the store, each rank uploads its own shards, rank 0
+    merges the indexes from the store and writes meta.json last; nothing of the exchange is left. The
+    split holds what one process writes with that VAE: rank 0's images (every other one), then rank 1's."""
+    folder = make_image_folder(tmp_path / "images", per_class=8, size=(16, 16), corrupt=False)
+    url = f"s3://{bucket}/two_nodes"
+    args = folder_overrides(folder, url, 16, vae=None, extra=[*SMALL_KL, "encode.batch_size=8"])
+    nodes = []
+    for rank in (0, 1):
+        node = tmp_path / f"node{rank}"
+        env = cli_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", DITLAB_CACHE=str(node / "cache"))
+        argv = [sys.executable, "-m", "ditlab.prepare", *args, f"hydra.run.dir={node / 'run'}"]
+        log = (tmp_path / f"node{rank}.log").open("w")
+        nodes.append(subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT))
+    assert [node.wait(timeout=300) for node in nodes] == [0, 0], (tmp_path / "node1.log").read_text()[-3000:]
+
+    held = store_files(s3_server, bucket, "two_nodes")
+    names = sorted(held)
+    assert "meta.json" in names and "vae/ditlab_vae.json" in names
+    assert not [n for n in names if n.endswith(".index.json") or n.startswith(".rank_counts")]  # the exchange
+    assert not any((tmp_path / f"node{r}" / "cache" / "staging").glob("*/*/*") for r in (0, 1))  # both cleaned up
+    meta = json.loads(held["meta.json"])
+    assert meta["splits"]["train"]["count"] + meta["splits"]["val"]["count"] == 24
+    train_chunks = [c["filename"] for c in json.loads(held["train/index.json"])["chunks"]]
+    assert {name.split("-")[1] for name in train_chunks} == {"0", "1"}  # both ranks' chunks
+    assert all(f"train/{c}" in held for c in train_chunks)
+
+    # one process, with that VAE (copied where prepare finds its cached VAE), into a local dir
+    local = tmp_path / "one_process"
+    storage.download(storage.join(url, "vae"), local / "vae")
+    prepare_from_config(compose_cfg("prepare", folder_overrides(folder, local, 16, vae=None, extra=SMALL_KL)))
+    for split in ("train", "val"):
+        ours, one = _latents(url, split, tmp_path / "read"), _latents(local, split, None)
+        n0 = (len(one) + 1) // 2  # rank 0 encoded items 0, 2, 4, ...: its chunks come first
+        reordered = [one[i] for i in range(0, len(one), 2)] + [one[i] for i in range(1, len(one), 2)]
+        assert len(ours) == len(one) and n0 > 0
+        for (latent, label), (expected, expected_label) in zip(ours, reordered):
+            assert label == expected_label
+            np.testing.assert_allclose(latent, expected, rtol=1e-2, atol=1e-3)
+
+
+def _latents(prepared, split: str, cache) -> list[tuple[np.ndarray, int]]:
+    from litdata import StreamingDataset
+
+    location = storage.join(prepared, split) if storage.is_remote(prepared) else str(prepared / split)
+    if storage.is_remote(prepared):
+        storage.stream_s3_with_ditlab()
+    data = StreamingDataset(location, cache_dir=str(cache) if cache else None)
+    return [(np.asarray(data[i]["latent"], dtype=np.float32), int(data[i]["label"])) for i in range(len(data))]
+
+
+def test_spawned_loader_workers_read_the_store_as_forked_ones(prepared, bucket, tmp_path):
+    """A spawned worker starts a fresh interpreter: it fetches through ditlab's downloader too (litdata's
+    own refuses the plain-http server), and hands out the batches a forked worker reads from local disk."""
+    from ditlab.data.datamodule import LatentDataModule
+
+    url = f"s3://{bucket}/tiny"
+    publish(prepared, url)
+
+    def batches(path, context):
+        dm = LatentDataModule(path, batch_size=8, num_workers=1, multiprocessing_context=context)
+        return [(b["latent"].clone(), b["label"].clone()) for b in dm.train_dataloader()]
+
+    spawned, forked = batches(url, "spawn"), batches(str(prepared), "fork")
+    assert len(spawned) == len(forked) > 0
+    for (latent, label), (expected, expected_label) in zip(spawned, forked):
+        assert torch.equal(latent, expected) and torch.equal(label, expected_label)

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from ditlab.train import train
-from helpers import compose_run, run_cli, tiny_overrides
+from helpers import compose_run, invoke_main, run_cli, tiny_overrides
 
 
 def test_loggers_receive_the_resolved_config(prepared, tmp_path):
@@ -48,3 +48,29 @@ def test_optuna_sweep_over_two_ddp_ranks_is_one_sweep_that_returns_the_optimized
         assert (job / "train.log").is_file() and (job / "train_ddp_process_1.log").is_file()  # every rank's log
     best = yaml.safe_load((sweeps[0] / "optimization_results.yaml").read_text())
     assert best["best_value"] == min(values)  # what each job returned is what Optuna saw
+
+
+def test_a_launcher_or_a_sweeper_error_is_one_line_naming_it(prepared, tmp_path, monkeypatch, capsys):
+    """Errors from outside the task reach the user as one line naming the exception, not a traceback line."""
+    from ditlab.train import main
+
+    def one_line(*args) -> str:
+        sweep = f"hydra.sweep.dir={tmp_path / 'sweep'}"
+        code, _, err = invoke_main(main, "ditlab.train", [*args, sweep], monkeypatch, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        return err.strip()
+
+    tiny = tiny_overrides(prepared, tmp_path, steps=2)
+    # submitit pickles each job's task (by reference: it once took this process's stderr along and
+    # failed), then finds no sbatch on a PATH that has srun (what submitit takes for a SLURM cluster)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    line = one_line("-m", "hydra/launcher=slurm", *tiny)
+    assert line == "ditlab.train: error: FileNotFoundError: [Errno 2] No such file or directory: 'sbatch'"
+    # Optuna refuses a search space
+    line = one_line(*tiny, "hparams_search=optuna_lr_cfg", "optim.optimizer.lr=tag(log, interval(0, 1))")
+    assert line.startswith("ditlab.train: error: ValueError: The `low` value must be larger than 0"), line
+    assert not (tmp_path / "sweep").exists() or not any((tmp_path / "sweep").glob("job*/checkpoints"))

@@ -130,3 +130,16 @@ def test_hardware_select_picks_the_cpu_here_and_refuses_more_devices_than_exist(
     with pytest.raises(ValueError, match="no CUDA GPU is visible"):
         hardware.check_hardware("gpu", 1)
     assert [hardware.device_count(d) for d in (4, "4", "0,1", [0, 1])] == [4, 4, 2, 2]
+
+
+def test_the_hydra_task_goes_to_a_launcher_by_reference():
+    """submitit cloudpickles the task for every SLURM job: a reference to ditlab.train.main's task (a few
+    bytes), never the function by value with what it holds (this process's stderr made it fail)."""
+    import pickle
+
+    import cloudpickle
+
+    from ditlab import train
+
+    data = cloudpickle.dumps(train.main.hydra_task)
+    assert pickle.loads(data) is train.main.hydra_task and len(data) < 200

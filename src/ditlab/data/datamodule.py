@@ -146,6 +146,8 @@ class LatentDataModule(LightningDataModule):
             this machine (default ``ditlab.data.storage.cache_root()``); unused for a local directory.
         micro_batches: training batches of this many micro-batches of ``batch_size`` (gradient
             accumulation: ``module.accumulate_grad_batches``), one after another.
+        multiprocessing_context: how the workers start (None: the platform's default, fork on Linux;
+            "spawn" / "forkserver"). Spawned workers of a remote directory fetch as forked ones do.
     """
 
     def __init__(
@@ -163,6 +165,7 @@ class LatentDataModule(LightningDataModule):
         with_images: bool = False,
         cache_dir: str | None = None,
         micro_batches: int = 1,
+        multiprocessing_context: str | None = None,
     ):
         super().__init__()
         if batch_size < 1:
@@ -180,6 +183,7 @@ class LatentDataModule(LightningDataModule):
         self.drop_last = drop_last
         self.cache_dir = cache_dir
         self.micro_batches = micro_batches
+        self.multiprocessing_context = multiprocessing_context
         self.prepared = PreparedDir(self.path, cache_dir)
         self.meta = self.prepared.read_meta()
         if flip and stored_views(self.meta) == 1:
@@ -266,13 +270,17 @@ class LatentDataModule(LightningDataModule):
             self.val_set = self._dataset(self.val_split, shuffle=False)
 
     def _loader(self, dataset, group: int = 1):
+        workers = self.num_workers > 0
         loader = _resumable_loader_class()(
             dataset,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=workers,
             drop_last=self.drop_last,
+            multiprocessing_context=self.multiprocessing_context if workers else None,
+            # the workers do not draw random numbers (module doc): nothing lost where Lightning's seeding is not added
+            worker_init_fn=storage.stream_s3_in_worker if workers and self.prepared.remote else None,
         )
         loader.group = group
         return loader

@@ -46,16 +46,18 @@ def extract_split(
     progress: bool = True,
     store_images: bool = False,
     wait_s: float = 3600.0,
+    store_dir: str | None = None,
 ) -> dict:
     """Encode this rank's images (every world_size-th, starting at rank), with their horizontal
     flips when ``flip``, and write its shards (with the uint8 images too when ``store_images``); rank 0
-    waits up to ``wait_s`` for the other ranks' shards. Returns a summary: counts per class, skipped
-    (unreadable) keys, images/s."""
+    waits up to ``wait_s`` for the other ranks' shards. ``store_dir``: the split's URL, where the ranks
+    put their shards (``ShardWriter``). Returns a summary: counts per class, skipped (unreadable) keys,
+    images/s."""
     indices = list(range(rank, len(source), world_size))
     loader = DataLoader(
         Subset(source, indices), batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skipping_failures
     )
-    writer = ShardWriter(split_dir, rank, world_size)
+    writer = ShardWriter(split_dir, rank, world_size, store_dir=store_dir)
     per_class: Counter = Counter()
     skipped: list[str] = []
     start = time.time()

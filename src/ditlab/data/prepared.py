@@ -11,9 +11,11 @@
 A remote dir is written through a local staging folder: prepare writes there as it would write a
 local dir, then ``write_meta`` uploads every finished file and meta.json last, so that the store
 holds meta.json only once everything it describes is there (an interrupted prepare leaves no
-meta.json, and its rerun resumes from the staging folder). Reading a remote dir, the small files
-(vae/, classifier/, reference statistics) are copied into a local folder per version of meta.json
-(a dir prepared again is never read from an old copy); the shards stream through litdata.
+meta.json, and its rerun resumes from the staging folder). Several ranks each have a staging
+folder of their own (nodes need not share a filesystem) and meet in the store: ``take_shared``.
+Reading a remote dir, the small files (vae/, classifier/, reference statistics) are copied into a
+local folder per version of meta.json (a dir prepared again is never read from an old copy); the
+shards stream through litdata.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import shutil
 from pathlib import Path
 
 from ditlab.data import storage
-from ditlab.runtime.files import write_json
+from ditlab.runtime.files import atomic_path, write_json
 
 META_KEYS = ("num_classes", "latent_shape", "vae")
 
@@ -142,13 +144,22 @@ class PreparedDir:
         if not self.remote:
             write_json(self.meta_path, meta)
             return
-        staging = storage.local_folder("staging", self.root, self.cache_dir)
+        staging = self.staging
         write_json(staging / self.META, self._as_stored(meta, staging))
         for entry in sorted(staging.iterdir()):
             if entry.name != self.META and not storage.is_temporary(entry.name):
-                storage.upload(entry, self.location(entry.name))
+                storage.upload(entry, self.location(entry.name), only_missing=True)  # not what ranks put there
         storage.upload_file(staging / self.META, self.location(self.META))
-        shutil.rmtree(staging)  # the store has it all now; reads use a copy per version of meta.json
+        self.forget_staging()  # the store has it all now; reads use a copy per version of meta.json
+
+    @property
+    def staging(self) -> Path:
+        """A remote dir's staging folder on this machine (under the cache dir), where prepare writes."""
+        return storage.local_folder("staging", self.root, self.cache_dir)
+
+    def forget_staging(self) -> None:
+        if self.remote:
+            shutil.rmtree(self.staging, ignore_errors=True)
 
     def _as_stored(self, meta: dict, staging: Path) -> dict:
         """meta.json as the store keeps it: the small VAE's folder named by its URL, not the staging
@@ -160,9 +171,24 @@ class PreparedDir:
 
     def upload(self, name: str) -> None:
         """Put the file or folder ``name``, just written on this machine, into a remote dir's store
-        (a local dir: nothing to do). For what is written after meta.json, e.g. new reference statistics."""
+        (a local dir: nothing to do). For what is written after meta.json, e.g. new reference statistics,
+        and for what one rank of prepare hands to the others (the small VAE)."""
         if self.remote:
             storage.upload(self.local / name, self.location(name))
+
+    def take_shared(self, name: str) -> bool:
+        """Whether the folder ``name`` that another rank writes is here yet. A remote dir's is copied
+        from the store once it is there whole (its ``.json`` descriptors go up last): ranks on nodes
+        without a shared filesystem meet in the store."""
+        here = self.local / name
+        if here.is_dir() or not self.remote:
+            return here.is_dir()
+        held = storage.list_objects(self.location(name))
+        if not any(n.endswith(storage.DESCRIPTOR_SUFFIX) for n in held):
+            return False
+        with atomic_path(here) as tmp:
+            storage.download(self.location(name), tmp)
+        return True
 
 
 def reference_source(reference: str | Path) -> tuple[PreparedDir, str | None]:

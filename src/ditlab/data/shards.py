@@ -8,7 +8,8 @@
                             image  uint8 (C, H, W), only with data.store_images: the preprocessed image
 
 litdata's format streams from an object store as from a local disk (``ditlab.data.storage``): a
-prepared dir at ``s3://bucket/prefix`` is written here first, then uploaded, index.json last.
+prepared dir at ``s3://bucket/prefix`` is written here first, then uploaded, index.json last (with
+several ranks, each uploads its own chunks: ``ShardWriter``).
 A split is written into ``<split>.tmp`` and renamed once every rank finished, so an interrupted
 run leaves nothing that a later run would mistake for finished work.
 """
@@ -112,18 +113,32 @@ class ShardWriter:
     rank's index, merges them and renames the directory into place.
 
     Chunk and index names carry the rank (litdata names them ``chunk-<rank>-<i>.bin`` and
-    ``<rank>.index.json``), so ranks never write the same file.
+    ``<rank>.index.json``), so ranks never write the same file. ``store_dir`` (the split's URL in an
+    object store): the ranks meet there instead of in ``<split>.tmp``, so that nodes without a shared
+    filesystem can write one split: each rank uploads its chunks, then its index (which says they
+    are all there); rank 0 takes the other ranks' indexes from the store, merges them and uploads
+    ``index.json`` (the split is complete in the store once it is there).
     """
 
-    def __init__(self, split_dir: str | Path, rank: int = 0, world_size: int = 1, chunk_bytes: str = "64MB"):
+    def __init__(
+        self,
+        split_dir: str | Path,
+        rank: int = 0,
+        world_size: int = 1,
+        chunk_bytes: str = "64MB",
+        store_dir: str | None = None,
+    ):
         from litdata.streaming.writer import BinaryWriter
 
         self.split_dir = Path(split_dir)
         self.tmp_dir = self.split_dir.with_name(self.split_dir.name + ".tmp")
         self.rank, self.world_size = rank, world_size
+        self.store_dir = store_dir.rstrip("/") if store_dir else None
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         for stale in list(self.tmp_dir.glob(f"chunk-{rank}-*")) + list(self.tmp_dir.glob(f"{rank}.index.json")):
             stale.unlink()  # left by an interrupted run of this rank
+        if self.store_dir:
+            storage.delete(storage.join(self.store_dir, _rank_index(rank)))
         # litdata reads the writer's rank from this variable (its data-optimizer convention).
         previous = os.environ.get("DATA_OPTIMIZER_GLOBAL_RANK")
         os.environ["DATA_OPTIMIZER_GLOBAL_RANK"] = str(rank)
@@ -149,11 +164,45 @@ class ShardWriter:
 
     def finish(self, timeout_s: float = 3600.0) -> None:
         self.writer.done()
+        if self.store_dir:
+            self._upload_own_share()
         if self.rank != 0:
             return
-        expected = [self.tmp_dir / f"{r}.index.json" for r in range(self.world_size)]
-        wait_until(lambda: all(p.exists() for p in expected), timeout_s, f"every rank's shards in {self.tmp_dir}")
+        expected = [_rank_index(r) for r in range(self.world_size)]
+        wait_until(
+            lambda: self._take_rank_indexes(expected),
+            timeout_s,
+            f"every rank's shards in {self.store_dir or self.tmp_dir}",
+            poll_s=1.0 if self.store_dir else 0.5,
+        )
         # litdata's merge of per-rank indexes into index.json (public merge() expects its own
         # process group; the ranks here may be separate jobs, hence the wait above).
         self.writer._merge_no_wait()
         publish(self.tmp_dir, self.split_dir)
+        if self.store_dir:
+            storage.upload_file(self.split_dir / INDEX_FILE, storage.join(self.store_dir, INDEX_FILE))
+            for name in expected:
+                storage.delete(storage.join(self.store_dir, name))
+
+    def _upload_own_share(self) -> None:
+        """This rank's chunks, then its index: the index in the store says that they are all there."""
+        for chunk in sorted(self.tmp_dir.glob(f"chunk-{self.rank}-*.bin")):
+            storage.upload_file(chunk, storage.join(self.store_dir, chunk.name))
+        index = _rank_index(self.rank)
+        storage.upload_file(self.tmp_dir / index, storage.join(self.store_dir, index))
+
+    def _take_rank_indexes(self, expected: list[str]) -> bool:
+        """Whether every rank's index is in ``<split>.tmp``; those in the store only are copied there."""
+        missing = [name for name in expected if not (self.tmp_dir / name).exists()]
+        if not missing or not self.store_dir:
+            return not missing
+        held = storage.list_objects(self.store_dir)
+        if any(name not in held for name in missing):
+            return False
+        for name in missing:
+            storage.download_file(storage.join(self.store_dir, name), self.tmp_dir / name)
+        return True
+
+
+def _rank_index(rank: int) -> str:
+    return f"{rank}.index.json"  # litdata's name for one writer's index

@@ -198,6 +198,20 @@ def upload_file(path: Path, url: str) -> None:
         client().upload_file(str(path), bucket, key)
 
 
+def write_bytes(url: str, data: bytes) -> None:
+    """Put ``data`` at ``url`` (one PUT: the object appears whole)."""
+    bucket, key = split_url(url)
+    with requests_for(url):
+        client().put_object(Bucket=bucket, Key=key, Body=data)
+
+
+def delete(url: str) -> None:
+    """Remove the object at ``url`` (nothing there: nothing to do)."""
+    bucket, key = split_url(url)
+    with requests_for(url):
+        client().delete_object(Bucket=bucket, Key=key)
+
+
 def download_file(url: str, path: Path) -> None:
     """Copy the object at ``url`` to ``path`` (a temporary beside it, renamed: never half a file)."""
     bucket, key = split_url(url)
@@ -230,13 +244,19 @@ def upload_order(local_dir: Path) -> list[Path]:
     return files
 
 
-def upload(path: Path, url: str) -> None:
-    """Upload a file, or a folder's finished files in ``upload_order``, to ``url``."""
+def upload(path: Path, url: str, only_missing: bool = False) -> None:
+    """Upload a file, or a folder's finished files in ``upload_order``, to ``url``; ``only_missing``:
+    leave out the files the store already holds with the same size (uploaded earlier, e.g. by the
+    rank that wrote them)."""
     if path.is_file():
-        upload_file(path, url)
+        if not (only_missing and list_objects(url).get("") == path.stat().st_size):
+            upload_file(path, url)
         return
+    held = list_objects(url) if only_missing else {}
     for f in upload_order(path):
-        upload_file(f, join(url, f.relative_to(path).as_posix()))
+        name = f.relative_to(path).as_posix()
+        if held.get(name) != f.stat().st_size:
+            upload_file(f, join(url, name))
 
 
 def download(url: str, path: Path) -> bool:
@@ -286,6 +306,13 @@ def stream_s3_with_ditlab() -> None:
     from litdata.streaming.downloader import register_downloader
 
     register_downloader(SCHEME, _chunk_downloader_class(), overwrite=True)
+
+
+def stream_s3_in_worker(_worker_id: int) -> None:
+    """A DataLoader worker's ``worker_init_fn``: ``stream_s3_with_ditlab`` in the worker itself. A
+    forked worker inherits the registration; a spawned one (``multiprocessing_context=spawn``) starts a
+    fresh interpreter, whose litdata would fetch with its own S3 downloader."""
+    stream_s3_with_ditlab()
 
 
 @lru_cache(maxsize=1)

@@ -18,9 +18,10 @@ ranks meet through the prepared dir (a filesystem every node shares):
 
 A wait longer than ``encode.wait_s`` is one error line. A rank that dies leaves no meta.json
 (rank 0 never gets all the shards); a rerun resumes. A dir in an object store (``s3://``) is written
-through its local staging folder (``PreparedDir.local``), so there the ranks meet in that folder
-(under ``data.module.cache_dir``: shared by every node only where that is a shared filesystem) and
-rank 0's meta.json uploads it all.
+through local staging folders (``PreparedDir.local``, under ``data.module.cache_dir``), one a node,
+and the ranks meet in the store itself, so that nodes need not share a filesystem: rank 0 uploads
+the small VAE as soon as it is trained, each rank uploads its own shards and counts, rank 0 merges
+the indexes from the store, and its meta.json, uploaded last, says that the dir is complete.
 """
 
 from __future__ import annotations
@@ -37,13 +38,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import ditlab
+from ditlab.data import storage
 from ditlab.data.extract import extract_split
 from ditlab.data.prepared import PreparedDir
-from ditlab.data.shards import count_items, split_is_complete
+from ditlab.data.shards import INDEX_FILE, count_items, split_is_complete
 from ditlab.models.vae import measure_latent_stats
 from ditlab.pipelines.fit_vae import SmallVAERecipe
 from ditlab.pipelines.reference import ReferenceSettings, write_reference
-from ditlab.runtime.files import write_json
+from ditlab.runtime.files import atomic_path, write_json
 from ditlab.runtime.processes import process_rank, wait_until
 
 log = logging.getLogger("ditlab.prepare")
@@ -75,8 +77,11 @@ def fit_codec(
     if recipe is None:
         return make_codec()
     if rank != 0:
-        wait_until(prepared.vae.is_dir, wait_s, f"rank 0's small VAE in {prepared.vae}")
-    return recipe.fit_or_load(train_source, prepared.vae, device, log=log.info)
+        wait_until(lambda: prepared.take_shared(PreparedDir.VAE), wait_s, f"rank 0's small VAE in {prepared.vae}")
+    codec = recipe.fit_or_load(train_source, prepared.vae, device, log=log.info)
+    if rank == 0 and process_rank().world_size > 1:
+        prepared.upload(PreparedDir.VAE)  # for the ranks on other nodes (an object store's dir)
+    return codec
 
 
 def prepare_from_config(cfg: DictConfig) -> Path:
@@ -150,7 +155,7 @@ def prepare_dataset(
     meta = _meta(dataset_name, sources["train"], codec, vae_name, flip, store_images, summaries)
     counts = _counts_dir(prepared)  # before meta.json: a remote dir's local folder changes with it
     prepared.write_meta(meta)
-    _forget_counts(counts)
+    _forget_counts(prepared, counts, list(summaries), world_size)
     log.info(
         f"prepared {prepared.root}: latents {meta['latent_shape']}, scale factor {meta['vae']['scale_factor']:.5f}"
     )
@@ -179,6 +184,7 @@ def measure_codec_stats(codec, source, device, count: int = STATS_SAMPLES, seed:
 
 # ------------------------------------------------------------------------------------------ ranks
 COUNTS_DIR = ".rank_counts"  # each rank's counts of a split, until rank 0 has written meta.json
+# (a remote dir's: in the store, where ranks on other nodes put them; never read as data: a dot name)
 
 
 def _counts_dir(prepared: PreparedDir) -> Path:
@@ -186,16 +192,34 @@ def _counts_dir(prepared: PreparedDir) -> Path:
     return prepared.local / COUNTS_DIR
 
 
-def _counts_file(prepared: PreparedDir, split: str, rank: int) -> Path:
-    return _counts_dir(prepared) / f"{split}.rank{rank}.json"
+def _counts_name(split: str, rank: int) -> str:
+    return f"{split}.rank{rank}.json"
+
+
+def _leave_counts(prepared: PreparedDir, split: str, rank: int, counts: dict) -> None:
+    if prepared.remote:
+        storage.write_bytes(prepared.location(f"{COUNTS_DIR}/{_counts_name(split, rank)}"), json.dumps(counts).encode())
+    else:
+        write_json(_counts_dir(prepared) / _counts_name(split, rank), counts)
+
+
+def _left_counts(prepared: PreparedDir, split: str, rank: int) -> dict | None:
+    """What rank ``rank`` left of ``split``; None while it has not."""
+    if prepared.remote:
+        data = storage.read_bytes(prepared.location(f"{COUNTS_DIR}/{_counts_name(split, rank)}"))
+    else:
+        path = _counts_dir(prepared) / _counts_name(split, rank)
+        data = path.read_bytes() if path.is_file() else None
+    return None if data is None else json.loads(data)
 
 
 def _hand_over_to_rank_zero(prepared: PreparedDir, summaries: dict, rank: int, wait_s: float) -> None:
     """A rank > 0 leaves what it encoded of each split (count, per class, skipped) for rank 0's meta.json,
     then waits for meta.json: nothing after prepare may read the dir before it is complete."""
     for split, summary in summaries.items():
-        write_json(_counts_file(prepared, split, rank), {k: summary[k] for k in ("count", "per_class", "skipped")})
+        _leave_counts(prepared, split, rank, {k: summary[k] for k in ("count", "per_class", "skipped")})
     wait_until(prepared.is_prepared, wait_s, f"rank 0 to write {prepared.location(PreparedDir.META)}")
+    prepared.forget_staging()  # this node's copy of its share: the store holds it
 
 
 def _all_ranks_counts(prepared: PreparedDir, split: str, own: dict, world_size: int, wait_s: float) -> dict:
@@ -203,9 +227,14 @@ def _all_ranks_counts(prepared: PreparedDir, split: str, own: dict, world_size: 
     A split found complete (``per_class`` None: nothing was encoded now) is counted from its index."""
     if world_size == 1 or own["per_class"] is None:
         return own
-    files = [_counts_file(prepared, split, r) for r in range(1, world_size)]
-    wait_until(lambda: all(f.is_file() for f in files), wait_s, f"every rank's counts of {split} in {files[0].parent}")
-    parts = [own] + [json.loads(f.read_text()) for f in files]
+    parts = [own]
+
+    def every_rank_left() -> bool:
+        while len(parts) < world_size and (left := _left_counts(prepared, split, len(parts))) is not None:
+            parts.append(left)
+        return len(parts) == world_size
+
+    wait_until(every_rank_left, wait_s, f"every rank's counts of {split} in {prepared.location(COUNTS_DIR)}")
     per_class = Counter()
     for part in parts:
         per_class.update({int(k): v for k, v in part["per_class"].items()})
@@ -216,7 +245,11 @@ def _all_ranks_counts(prepared: PreparedDir, split: str, own: dict, world_size: 
     }
 
 
-def _forget_counts(counts: Path) -> None:
+def _forget_counts(prepared: PreparedDir, counts: Path, splits: list[str], world_size: int) -> None:
+    if prepared.remote:
+        for split in splits:
+            for rank in range(1, world_size):
+                storage.delete(prepared.location(f"{COUNTS_DIR}/{_counts_name(split, rank)}"))
     for f in counts.glob("*.json"):
         f.unlink()
     if counts.is_dir():
@@ -244,7 +277,7 @@ def _extract(
     split: str, source, codec, prepared: PreparedDir, flip: bool, store_images: bool, encode: EncodeSettings, device
 ) -> dict:
     split_dir = prepared.split(split)
-    if split_is_complete(split_dir):
+    if _split_is_complete(prepared, split):
         log.info(f"{split}: already written, skipped")
         return {"count": count_items(split_dir), "per_class": None, "skipped": []}
     rank, world_size, _ = process_rank()
@@ -262,12 +295,27 @@ def _extract(
         progress=encode.progress,
         store_images=store_images,
         wait_s=encode.wait_s,
+        store_dir=prepared.location(split) if prepared.remote else None,
     )
     log.info(
         f"{split}: {summary['count']} images at {summary['images_per_s']} img/s; per class "
         f"{summary['per_class']}; skipped {len(summary['skipped'])} unreadable: {summary['skipped'][:20]}"
     )
     return summary
+
+
+def _split_is_complete(prepared: PreparedDir, split: str) -> bool:
+    """Whether ``split`` is written: here, or in the store of a remote dir (its index.json, merged by
+    rank 0 after every rank's shards, is then copied here: the split's count comes from it)."""
+    split_dir = prepared.split(split)
+    if split_is_complete(split_dir) or not prepared.remote:
+        return split_is_complete(split_dir)
+    index = storage.read_bytes(storage.join(prepared.location(split), INDEX_FILE))
+    if index is None:
+        return False
+    with atomic_path(split_dir / INDEX_FILE) as tmp:
+        tmp.write_bytes(index)
+    return True
 
 
 def _meta(

@@ -4,12 +4,16 @@ and no run dir left behind.
 ``hydra_command`` replaces ``@hydra.main`` for the commands: Hydra composes the config (and
 creates the run dir) before our code runs, and prints ~20 lines for an unknown option; this turns a
 composition error into one line too, and removes a run dir that this invocation created for nothing.
+So does an error of a sweeper or a launcher (Optuna, submitit): one line naming the exception and
+its message. The task goes to a launcher's jobs by reference (``HydraTask``).
 """
 
 from __future__ import annotations
 
 import functools
-import io
+import importlib
+import os
+import pickle
 import re
 import shutil
 import sys
@@ -19,9 +23,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
+from hydra._internal.utils import get_args_parser
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import InstantiationException
+from hydra.errors import CompactHydraException, InstantiationException
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 CONF_DIR = str(Path(__file__).parents[1] / "conf")
@@ -186,36 +191,92 @@ def hydra_command(prog: str, config_name: str):
     """Decorator: ``@hydra_command("ditlab.train", "train")`` instead of ``@hydra.main``."""
 
     def decorate(task: Callable) -> Callable[[], None]:
-        real_stderr = {}
-
-        @functools.wraps(task)
-        def composed(cfg):
-            if "stderr" in real_stderr:  # composition succeeded: our own messages go to the terminal
-                sys.stderr = real_stderr.pop("stderr")
-            try:
-                return task(cfg)
-            except TimeGuardExceeded as err:  # any command's stage (prepare's VAE or classifier, ...)
-                fail(prog, str(err), code=TIME_GUARD_EXIT, remove_run_dir=False)
-
-        hydra_main = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(composed)
+        hydra_task = HydraTask(task, prog)
+        hydra_main = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(hydra_task)
 
         @functools.wraps(task)
         def entry() -> None:
-            captured = io.StringIO()
-            real_stderr["stderr"] = sys.stderr
-            sys.stderr = captured
+            check_flags(prog)
+            full_error = os.environ.get("HYDRA_FULL_ERROR")
+            os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises what stopped it (not ~20 lines): one line below
             try:
                 hydra_main()
-            except SystemExit as stop:
-                if sys.stderr is captured and stop.code not in (0, None):  # Hydra gave up before our task ran
-                    sys.stderr = real_stderr.pop("stderr")
-                    fail(prog, composition_error(captured.getvalue(), sys.argv[1:]), remove_run_dir=False)
-                raise
+            except Exception as err:  # noqa: BLE001 - composition, a sweeper or a launcher (not the task)
+                if full_error == "1" or err is hydra_task.raised:
+                    raise
+                fail(prog, hydra_error(err, sys.argv[1:]), remove_run_dir=False)
             finally:
-                if sys.stderr is captured:  # e.g. --help, --cfg: pass Hydra's output on
-                    sys.stderr = real_stderr.pop("stderr")
-                    sys.stderr.write(captured.getvalue())
+                _restore_env("HYDRA_FULL_ERROR", full_error)
 
+        entry.hydra_task = hydra_task  # what a pickled HydraTask finds again (HydraTask.__reduce__)
         return entry
 
     return decorate
+
+
+class HydraTask:
+    """The function Hydra calls with the composed config (``task``), pickled by reference: submitit
+    sends it to every SLURM job as ``<module>.<name>.hydra_task``, imported there. By value,
+    cloudpickle would take the command's function from ``__main__`` (``python -m ditlab.train``)
+    with everything it refers to, the terminal's stderr held during composition among it (a file
+    open for writing: "Cannot pickle files that are not opened for reading")."""
+
+    def __init__(self, task: Callable, prog: str):
+        functools.update_wrapper(self, task)  # Hydra names the job and finds the config by __wrapped__
+        self.task, self.prog = task, prog
+        self.raised: BaseException | None = None  # what the task itself raised (a bug: its traceback stays)
+
+    def __call__(self, cfg):
+        try:
+            return self.task(cfg)
+        except TimeGuardExceeded as err:  # any command's stage (prepare's VAE or classifier, ...)
+            fail(self.prog, str(err), code=TIME_GUARD_EXIT, remove_run_dir=False)
+        except Exception as err:
+            self.raised = err
+            raise
+
+    def __reduce__(self):
+        return _imported_task, (_module_name(self.task), self.task.__name__)
+
+
+def check_flags(prog: str) -> None:
+    """Hydra's own flags (``-m``, ``--cfg job``, ...) as Hydra parses them: a bad one is one line (argparse
+    would print its usage first)."""
+    parser = get_args_parser()
+    parser.error = lambda message: fail(prog, f"{message}; expected Hydra's flags (--help) and key=value overrides")
+    parser.parse_args(sys.argv[1:])
+
+
+def _module_name(fn: Callable) -> str:
+    """The module ``fn`` is imported from: ``python -m ditlab.train`` runs ditlab.train as ``__main__``."""
+    if fn.__module__ != "__main__":
+        return fn.__module__
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if spec is None:
+        raise pickle.PicklingError(f"{fn.__name__} runs from a script file; expected python -m <module>")
+    return spec.name
+
+
+def _imported_task(module: str, name: str) -> HydraTask:
+    return getattr(importlib.import_module(module), name).hydra_task
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+def hydra_error(err: Exception, overrides: list[str] = ()) -> str:
+    """What stopped Hydra, as one line: a composition error as Hydra words it (``composition_error``);
+    a sweeper's or a launcher's exception by its name and message, with the line a failed job
+    printed for itself (``ditlab.<command>: error: ...``) when its message carries one."""
+    if isinstance(err, CompactHydraException):
+        text = str(err)
+        if isinstance(err.__cause__, OmegaConfBaseException):
+            text += "\n" + str(err.__cause__)
+        return composition_error(text, overrides)
+    line = f"{type(err).__name__}: {first_line(err)}"
+    own = re.findall(r"^\s*(ditlab\.\w+: .+)$", str(err), flags=re.M)
+    return f"{line} ({own[-1].strip()})" if own else line

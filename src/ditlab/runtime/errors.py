@@ -18,6 +18,7 @@ import re
 import shutil
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -202,8 +203,11 @@ def hydra_command(prog: str, config_name: str):
             try:
                 hydra_main()
             except Exception as err:  # noqa: BLE001 - composition, a sweeper or a launcher (not the task)
-                if full_error == "1" or err is hydra_task.raised:
+                if full_error == "1":
                     raise
+                if err is hydra_task.raised:  # the task's own error: its traceback and exit 1, as Hydra does
+                    traceback.print_exception(err)
+                    sys.exit(1)
                 fail(prog, hydra_error(err, sys.argv[1:]), remove_run_dir=False)
             finally:
                 _restore_env("HYDRA_FULL_ERROR", full_error)

@@ -17,6 +17,7 @@ atomically, so rank 0 merges only complete parts of this launch, never a stale o
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from pathlib import Path
@@ -51,7 +52,7 @@ from ditlab.metrics.provenance import (
 from ditlab.runtime.checkpoints import checkpoint_step
 from ditlab.runtime.errors import exit_on_error, hydra_command
 from ditlab.runtime.files import atomic_path, write_json
-from ditlab.runtime.processes import process_rank
+from ditlab.runtime.processes import launched_by_srun, process_rank
 
 log = logging.getLogger("ditlab.sample")
 FORMATS = ("npz", "png", "both")
@@ -161,7 +162,13 @@ def shared_launch(out: Path, world: int) -> tuple[str, Path]:
         return launch, out
     import torch.distributed as dist
 
-    dist.init_process_group("gloo")
+    rank = process_rank()
+    if launched_by_srun() and "MASTER_ADDR" not in os.environ:  # srun sets no rendezvous: Lightning's rule
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        slurm = SLURMEnvironment()
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = slurm.main_address, str(slurm.main_port)
+    dist.init_process_group("gloo", rank=rank.rank, world_size=rank.world_size)
     try:
         shared = [launch, str(out)]
         dist.broadcast_object_list(shared, src=0)

@@ -364,7 +364,7 @@ def test_two_nodes_without_a_shared_filesystem_prepare_one_dir_in_the_store(s3_s
     names = sorted(held)
     assert "meta.json" in names and "vae/ditlab_vae.json" in names
     assert not [n for n in names if n.endswith(".index.json") or n.startswith(".rank_counts")]  # the exchange
-    assert not any((tmp_path / f"node{r}" / "cache" / "staging").glob("*/*/*") for r in (0, 1))  # both cleaned up
+    assert not [p for r in (0, 1) for p in (tmp_path / f"node{r}" / "cache" / "staging").glob("*/*/*")]  # cleaned up
     meta = json.loads(held["meta.json"])
     assert meta["splits"]["train"]["count"] + meta["splits"]["val"]["count"] == 24
     train_chunks = [c["filename"] for c in json.loads(held["train/index.json"])["chunks"]]

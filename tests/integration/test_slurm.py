@@ -233,7 +233,7 @@ def test_readme_slurm_sweep_runs_each_point_as_a_2_task_job(readme_sweep_run):
         assert {"last.ckpt", f"step_{STEPS:07d}.ckpt"} <= {p.name for p in (job / "checkpoints").iterdir()}
         assert "2 processes (1 node x 2) started by SLURMEnvironment" in (job / "train.log").read_text()
         lrs += [o.split("=")[1] for o in summary["overrides"] if o.startswith("optim.optimizer.lr=")]
-    assert lrs == swept_lrs()  # one SLURM job per point, in order
+    assert [float(lr) for lr in lrs] == [float(lr) for lr in swept_lrs()]  # one SLURM job per point, in order
 
 
 @pytest.mark.slow
@@ -241,16 +241,19 @@ def test_readme_sbatch_job_preempted_by_scancel_then_by_its_time_limit_ends_as_t
     slurm, space, srun_prepared, readme_sweep_run
 ):
     """The README's sbatch job: ``scancel --signal=USR2`` mid-run -> checkpoint, ``scontrol requeue``,
-    resumed; then a real time limit (``--time=1 --signal=USR2@25``) -> USR2 before the limit,
+    resumed; then a real time limit (``--time=1 --signal=USR2@5``) -> USR2 before the limit,
     checkpoint, requeued, resumed to the end: the weights of the uninterrupted 2-task job.
 
-    slurmctld sends ``--signal`` and ends jobs past their limit on its 30 s pass over the limits; the
-    requeued job is held and released 10 s after a pass, so the second pass after its start (~50 s
-    in: 10 s left, <= 25) sends USR2, long after its start-up; only that run sleeps after its steps
-    (a run still going at 50 s on a fast machine), and the last one gets back an hour to finish."""
+    slurmctld sends ``--signal=SIG@N`` and ends jobs past their limit on its 30 s pass over the
+    limits; it sends the signal at the first pass that finds N + 30 s or less left (so that it comes
+    no later than N s before the limit): with N = 25 it came 20 s after the start, before the tasks
+    had their handlers (they died of SIGUSR2, measured). So N = 5: the requeued job is held and
+    released 9 s after a pass, starts ~10 s after it, and the second pass after its start (~50 s in:
+    10 s left, <= 35) sends USR2, long after its start-up; only that run sleeps after its steps (a
+    run still going at 50 s on a fast machine), and the last one gets back an hour to finish."""
     root, _ = space
     args = [*train_args(srun_prepared[0], root, slow_steps=1.0, restart=1), f"optim.optimizer.lr={swept_lrs()[0]}"]
-    job = submit(slurm, root, "preempted", readme_sbatch(args, signal="USR2@25"))
+    job = submit(slurm, root, "preempted", readme_sbatch(args, signal="USR2@5"))
     checkpoints = run_dir(root, job) / "checkpoints"
     wait_for((checkpoints / "step_0000002.ckpt").exists, slurm, job, "at step 2")
     slurm.run("scancel", "--signal=USR2", job)

@@ -163,11 +163,15 @@ def shared_launch(out: Path, world: int) -> tuple[str, Path]:
     import torch.distributed as dist
 
     rank = process_rank()
-    if launched_by_srun() and "MASTER_ADDR" not in os.environ:  # srun sets no rendezvous: Lightning's rule
+    if launched_by_srun() and "MASTER_ADDR" not in os.environ:
+        # srun sets no rendezvous: the address and port Lightning's SLURMEnvironment derives (the first
+        # node of the job, 15000 + the job id's last 4 digits), without building one: it refuses
+        # ``srun -n 2`` jobs whose tasks per node were not given.
         from lightning.fabric.plugins.environments import SLURMEnvironment
 
-        slurm = SLURMEnvironment()
-        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = slurm.main_address, str(slurm.main_port)
+        nodes = os.environ.get("SLURM_NODELIST", "127.0.0.1")
+        os.environ["MASTER_ADDR"] = SLURMEnvironment.resolve_root_node_address(nodes)
+        os.environ.setdefault("MASTER_PORT", str(15000 + int(os.environ["SLURM_JOB_ID"][-4:])))
     dist.init_process_group("gloo", rank=rank.rank, world_size=rank.world_size)
     try:
         shared = [launch, str(out)]

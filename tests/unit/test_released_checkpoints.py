@@ -306,11 +306,11 @@ def test_the_head_count_no_tensor_shows_comes_from_an_option_or_is_one_line(tmp_
         match=r"hidden size 32, not a paper config, and no tensor tells its head count; expected num_heads=<heads>",
     ):
         read_dit_weights(sit)
-    assert read_dit_weights(sit, num_heads=4).dit_kwargs["num_heads"] == 4
+    assert read_dit_weights(sit, num_heads=4).architecture["num_heads"] == 4
     with pytest.raises(ValueError, match="hidden size 32, not divisible by num_heads=5"):
         read_dit_weights(sit, num_heads=5)
     lightning, _, _ = lightningdit_file(tmp_path)
-    assert read_dit_weights(lightning).dit_kwargs["num_heads"] == HEADS  # the RoPE table's width is a head's
+    assert read_dit_weights(lightning).architecture["num_heads"] == HEADS  # the RoPE table's width is a head's
 
 
 def test_a_training_checkpoint_without_ema_and_dit_args_read_as_dit(tmp_path):

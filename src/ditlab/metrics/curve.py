@@ -21,7 +21,7 @@ from ditlab.data.prepared import PreparedDir
 from ditlab.diffusion import Guidance, Sampler
 from ditlab.inference import load_model
 from ditlab.metrics.protocol import FIDProtocol
-from ditlab.metrics.uncertainty import derived_name
+from ditlab.metrics.uncertainty import Uncertainty, derived_name
 from ditlab.runtime.checkpoints import read_checkpoint
 from ditlab.runtime.files import atomic_path
 from ditlab.runtime.record import CheckpointRecord
@@ -108,7 +108,10 @@ def recorded_protocol(record: CheckpointRecord) -> FIDProtocol | None:
         return None
     values = record.fid_protocol
     sampler = None if values.get("sampler") is None else Sampler(**values["sampler"])
-    return FIDProtocol(**{**values, "sampler": sampler, "guidance": Guidance(**values["guidance"])})
+    built = {"sampler": sampler, "guidance": Guidance(**values["guidance"])}
+    if values.get("uncertainty") is not None:  # runs before fid_protocol.uncertainty: its defaults
+        built["uncertainty"] = Uncertainty(**values["uncertainty"])
+    return FIDProtocol(**{**values, **built})
 
 
 def run_protocol(record: CheckpointRecord, num_samples: int | None = None, extractor: str | None = None) -> FIDProtocol:

@@ -135,6 +135,12 @@ def prepare_dataset(
     sources = {split: make_source(split) for split in splits}  # bad input fails here, before any write
     if len(sources["train"]) == 0:
         raise ValueError(f"{dataset_name} has no training images; expected images to prepare")
+    for split, source in sources.items():  # a rank with nothing to write would leave rank 0 waiting for it
+        if len(source) < world_size:
+            raise ValueError(
+                f"split {split!r} of {dataset_name} has {len(source)} images for {world_size} rank(s); expected at "
+                "least one per rank (more images, another val fraction, or leave the split out of data.splits)"
+            )
     prepared.local.mkdir(parents=True, exist_ok=True)  # a remote dir's staging folder (uploaded by write_meta)
     codec = fit_codec(recipe, make_codec, sources["train"], prepared, device, rank, encode.wait_s).to(device).eval()
     summaries = {

@@ -159,6 +159,8 @@ def _protocol_arguments(node) -> dict:
     if protocol.get("sampler") is not None:
         protocol["sampler"] = _arguments(protocol["sampler"])
     protocol["guidance"] = _arguments(protocol["guidance"]) if protocol.get("guidance") else dict(OFFICIAL_GUIDANCE)
+    if protocol.get("uncertainty") is not None:  # ditlab.metrics.uncertainty.Uncertainty's arguments
+        protocol["uncertainty"] = _arguments(protocol["uncertainty"])
     return protocol
 
 

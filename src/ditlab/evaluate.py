@@ -29,6 +29,7 @@ from PIL import Image
 
 from ditlab.data.prepared import PreparedDir, reference_source
 from ditlab.diffusion import Guidance, Sampler
+from ditlab.inference import CLASS_DRAWS
 from ditlab.metrics.adm_reference import reference_image_size
 from ditlab.metrics.curve import read_curve, score_checkpoints
 from ditlab.metrics.fidelity import metric_suffix
@@ -115,8 +116,10 @@ def protocol_record(protocol: FIDProtocol, prepared: PreparedDir, sampling: dict
     if sampling is None:
         unknown = "unknown: no sampling record of ditlab.sample beside the samples"
         described.update(sampler=None, sampler_text=unknown, guidance=None, guidance_text=unknown)
-        described.update(seed=None, batch_size=None, checkpoint=None)
+        described.update(seed=None, batch_size=None, checkpoint=None, class_draw=None)
         return described
+    labels = sampling.get("labels")  # how ditlab.sample drew the classes, not this command's default
+    described["class_draw"] = labels if labels in CLASS_DRAWS else "uniform" if labels is None else "given"
     for key in ("checkpoint", "vae_path", "labels", "world_size", "device", "device_name", "format"):
         described[key] = sampling.get(key)
     described["sampling_versions"] = sampling.get("versions")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -55,6 +56,10 @@ log = logging.getLogger("ditlab.train")
 BUILD_ERRORS = (ValueError, TypeError, FileNotFoundError)
 # A GradScaler (fp16) unscales inside the optimizer step, after the step measured and clipped the gradients.
 SCALED_PRECISIONS = ("16", "16-mixed")
+# Lightning asks a manual-optimization module to keep its pre-step weights for periodic checkpoints;
+# ditlab's checkpoint of step N holds the weights after N updates by design (what a resume continues
+# from), so that warning and its code listing would only puzzle a user.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
 
 
 def build(cfg: DictConfig, init_weights: bool = True):

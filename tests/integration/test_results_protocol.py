@@ -54,7 +54,7 @@ def test_results_json_holds_the_protocol_and_its_commands_reproduce_the_numbers(
     ckpt = reference / "checkpoints" / "last.ckpt"
     first = tmp_path / "first"
     sample_args = [f"ckpt={ckpt}", "num_samples=10", "batch_size=4", "sampler=ddim50", "steps=3"]
-    sample_args += ["guidance.scale=2.5", "guidance.interval=[0,700]", "seed=4", f"out={first}"]
+    sample_args += ["guidance.scale=2.5", "guidance.interval=[0,700]", "seed=4", "labels=balanced", f"out={first}"]
     code, _, err = invoke_main(sample_main, "ditlab.sample", sample_args, monkeypatch, capsys)
     assert code == 0, err[-2000:]
     npz = first / "samples_10x8x8x3.npz"
@@ -75,6 +75,7 @@ def test_results_json_holds_the_protocol_and_its_commands_reproduce_the_numbers(
     assert protocol["sampler"] == {"name": "ddim", "steps": 3, "eta": 0.0}
     assert protocol["guidance"] == {"scale": 2.5, "channels": None, "interval": [0.0, 700.0]}
     assert (protocol["num_samples"], protocol["seed"], protocol["batch_size"], protocol["world_size"]) == (10, 4, 4, 1)
+    assert protocol["class_draw"] == "balanced"  # how ditlab.sample drew them, from its record
     assert protocol["reference"] == str(prepared_clf / "reference_clf.npz")
     assert protocol["reference_sha256"] == sha256_of(prepared_clf / "reference_clf.npz")
     assert protocol["weights_path"] == str(prepared_clf / "classifier")

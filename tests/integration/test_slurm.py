@@ -318,7 +318,8 @@ def test_sample_under_srun_n2_writes_one_npz(slurm, space, readme_sweep_run, mon
     assert code == 0, err
     two, one = (sorted(p.name for p in (root / d).iterdir()) for d in ("sampled2", "sampled1"))
     assert two == one and [n for n in two if n.endswith(".npz")] == ["samples_6x8x8x3.npz"]  # one file, no parts
-    with np.load(root / "sampled2" / two[0]) as a, np.load(root / "sampled1" / one[0]) as b:
+    npz = "samples_6x8x8x3.npz"  # not two[0]: the sampling record's .json sorts first
+    with np.load(root / "sampled2" / npz) as a, np.load(root / "sampled1" / npz) as b:
         assert np.array_equal(a["labels"], b["labels"])
         assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1  # per-sample noise: batch-free
 

@@ -9,7 +9,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from ditlab.data.datamodule import LatentDataModule
+from ditlab.data.datamodule import LatentDataModule, check_model_fits
 from ditlab.data.prepared import PreparedDir
 from ditlab.data.shards import ShardWriter
 from ditlab.data.sources import FashionMNIST, ImageFolder
@@ -178,13 +178,13 @@ def test_datamodule_batches_and_model_checks(prepared16):
     batch = next(iter(dm.train_dataloader()))
     latents, labels = dm.to_model_batch(batch, torch.Generator().manual_seed(0))
     assert latents.shape == (8, 3, 16, 16) and latents.dtype == torch.float32 and labels.dtype == torch.long
-    dm.check_model(16, 3, 2, 3)
+    check_model_fits(dm.meta, dm.path, 16, 3, 2, 3)
     with pytest.raises(ValueError, match="model.in_channels=4 but the latents .* have 3 channels"):
-        dm.check_model(16, 4, 2, 3)
+        check_model_fits(dm.meta, dm.path, 16, 4, 2, 3)
     with pytest.raises(ValueError, match="model.patch_size=3 does not divide the latent size 16"):
-        dm.check_model(16, 3, 3, 3)
+        check_model_fits(dm.meta, dm.path, 16, 3, 3, 3)
     with pytest.raises(ValueError, match="model.num_classes=1000 but .* has 3 classes"):
-        dm.check_model(16, 3, 2, 1000)
+        check_model_fits(dm.meta, dm.path, 16, 3, 2, 1000)
 
 
 def test_datamodule_two_ranks_see_disjoint_samples(prepared16):

@@ -223,10 +223,6 @@ class LatentDataModule(LightningDataModule):
         normalises each channel (``models.vae.to_model_space``)."""
         return self.meta["vae"] if "latent_mean" in self.meta["vae"] else self.scale_factor
 
-    def check_model(self, input_size: int, in_channels: int, patch_size: int, num_classes: int) -> None:
-        """Fail before training when the model does not fit the data (one line each)."""
-        check_model_fits(self.meta, self.path, input_size, in_channels, patch_size, num_classes)
-
     def check_data(self) -> None:
         """Fail before training on missing, truncated or foreign shards (one line each)."""
         for split in (self.train_split, self.val_split):

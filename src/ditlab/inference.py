@@ -225,7 +225,8 @@ def _network(weights: DiTWeights, path: str | Path) -> tuple[torch.nn.Module, ob
     net.load_state_dict(weights.state_dict, strict=True)
     if weights.record is not None:
         objective = instantiate(weights.record.objective)
-    elif weights.family.flow_time is not None:  # SiT, REPA, LightningDiT: flow in their network's time
+    elif weights.family is not None and weights.family.flow_time is not None:
+        # SiT, REPA, LightningDiT: flow in their network's time
         objective = FlowMatching(**weights.family.flow_time)
     else:
         objective = create_diffusion(learn_sigma=net.learn_sigma)
@@ -304,7 +305,7 @@ def load_model(
     weights = read_dit_weights(ckpt, ema, family, num_heads)
     net, objective, record = _network(weights, ckpt)
     classes, protocol = None, None
-    codec = PretrainedVAE(vae, SD_SCALE_FACTOR) if vae and weights.format != "official" else None
+    codec = PretrainedVAE(vae, SD_SCALE_FACTOR) if vae and weights.family is None else None
     if Path(ckpt).is_dir():
         codec = codec or _folder_codec(Path(ckpt))
         classes = _folder_classes(Path(ckpt))

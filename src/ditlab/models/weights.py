@@ -32,7 +32,6 @@ from ditlab.models.diffusers_dit import read_diffusers_dit
 from ditlab.models.lightningdit import read_lightningdit
 from ditlab.models.official import read_dit
 from ditlab.models.released import (
-    DIT,
     FAMILIES,
     FAMILY_CHOICES,
     Family,
@@ -64,11 +63,12 @@ READERS: dict[str, Callable[..., ReleasedWeights]] = {
 
 @dataclass
 class DiTWeights:
-    format: str  # "ditlab" | "official" | "diffusers": where they came from, for messages
     state_dict: dict[str, torch.Tensor]  # ditlab's layout, on the CPU
     architecture: dict  # the network they fit, to instantiate: {"_target_": ..., its arguments}
     record: CheckpointRecord | None  # the run's record (a ditlab checkpoint or export)
-    family: Family = DIT  # a released file's family (its time convention, its published protocol)
+    # a released file's family (its time convention, its published protocol); None: ditlab's own
+    # (a .ckpt or an exported folder), whose record or config says how to read it
+    family: Family | None = None
 
 
 def check_family_choice(family: str) -> None:
@@ -101,7 +101,7 @@ def read_dit_weights(
     check_family_choice(family)
     if path.is_dir():
         state_dict, kwargs = read_diffusers_dit(path)
-        return DiTWeights("diffusers", state_dict, {"_target_": DIT_TARGET, **kwargs}, _export_record(path))
+        return DiTWeights(state_dict, {"_target_": DIT_TARGET, **kwargs}, _export_record(path))
     if not path.is_file():
         raise FileNotFoundError(
             f"{str(path)!r} does not exist; expected a ditlab .ckpt, a DiT / SiT / REPA / LightningDiT "
@@ -112,7 +112,7 @@ def read_dit_weights(
         record = read_record(checkpoint.get("ditlab", {}), repr(str(path)))  # one line (ValueError)
         prefix = "ema.net." if ema else "net."
         state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-        return DiTWeights("ditlab", state, record.model, record)
+        return DiTWeights(state, record.model, record)
     try:
         released = read_released(path, ema, family, num_heads)
     except (ValueError, FileNotFoundError):
@@ -120,7 +120,7 @@ def read_dit_weights(
     except Exception as err:  # noqa: BLE001 - truncated / foreign file: one line for the command
         raise ValueError(f"{path} cannot be read as a DiT checkpoint ({err}); expected a DiT .pt") from err
     architecture = {"_target_": DIT_TARGET, **released.dit_kwargs}
-    return DiTWeights("official", released.state_dict, architecture, None, family=released.family)
+    return DiTWeights(released.state_dict, architecture, None, family=released.family)
 
 
 def _export_record(folder: Path) -> CheckpointRecord | None:

@@ -190,9 +190,9 @@ def init_from_weights(
     a released flow network's time convention."""
     origin = f"init_from={str(path)!r}"
     weights = read_dit_weights(check_source(path), ema, family, num_heads=net.num_heads)
-    if weights.format == "official":
+    if weights.family is not None:  # a released file: trained in its family's time
         check_time_convention(weights.family, objective, origin)
-    flow_family = weights.format == "official" and weights.family.flow_time is not None
+    flow_family = weights.family is not None and weights.family.flow_time is not None
     state, notes = adapt_state_dict(weights.state_dict, net, origin=origin, drop_sigma=flow_family)
     net.load_state_dict(state, strict=True)
     return notes

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra.utils import instantiate
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
 from PIL import Image
 from tqdm.auto import tqdm
@@ -167,8 +168,6 @@ def shared_launch(out: Path, world: int) -> tuple[str, Path]:
         # srun sets no rendezvous: the address and port Lightning's SLURMEnvironment derives (the first
         # node of the job, 15000 + the job id's last 4 digits), without building one: it refuses
         # ``srun -n 2`` jobs whose tasks per node were not given.
-        from lightning.fabric.plugins.environments import SLURMEnvironment
-
         nodes = os.environ.get("SLURM_NODELIST", "127.0.0.1")
         os.environ["MASTER_ADDR"] = SLURMEnvironment.resolve_root_node_address(nodes)
         os.environ.setdefault("MASTER_PORT", str(15000 + int(os.environ["SLURM_JOB_ID"][-4:])))

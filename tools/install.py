@@ -86,6 +86,10 @@ def uv_install(requirements: list[str]) -> bool:
         sys.executable,
         "--index-strategy",
         "unsafe-best-match",
+        # .pyc files now (pip writes them, uv does not by default): where PYTHONDONTWRITEBYTECODE is
+        # set, as on the project's VMs, every process would otherwise compile torch and Lightning
+        # again on import (measured: experiments/benchmarks/README.md, "make test's time")
+        "--compile-bytecode",
         *args,
         *requirements,
     ]

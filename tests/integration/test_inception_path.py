@@ -69,6 +69,7 @@ def inception_run(inception, tmp_path_factory):
         f"fid_protocol.batch_size={FID_SAMPLES}",
         "fid_protocol.metrics=[fid,sfid,isc,prc]",
         "fid_protocol.also_unguided=true",
+        "fid_protocol.uncertainty.resamples=4",  # plumbing: each resample costs 2048-d matrix roots
         "+fid_protocol.sampler._target_=ditlab.diffusion.Sampler",
         "+fid_protocol.sampler.name=dpmpp_2m",
         f"+fid_protocol.sampler.steps={FID_STEPS}",
@@ -127,6 +128,7 @@ def test_sample_and_evaluate_through_inception_against_ours_and_an_adm_batch(
     assert code == 0, err[-2000:]
     npz = tmp_path / "s" / f"samples_{FID_SAMPLES}x8x8x3.npz"
     measure = [f"samples={npz}", "extractor=inception", f"weights_path={weights}", "progress=false"]
+    measure.append("uncertainty.resamples=4")  # as the run's: the intervals' plumbing, at a small cost
     io = (monkeypatch, capsys)
     code, stdout, err = invoke_main(evaluate_main, "ditlab.evaluate", [*measure, f"reference={prepared}"], *io)
     assert code == 0, err[-2000:]

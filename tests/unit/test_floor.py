@@ -1,6 +1,8 @@
 import numpy as np
+import pytest
 
 from ditlab.metrics.floor import fid_floor, floor_subsets
+from ditlab.metrics.frechet import frechet_distance
 from ditlab.metrics.reference import ReferenceStats
 
 
@@ -21,6 +23,25 @@ def test_the_floor_is_the_small_sample_bias_of_fid():
         expected = d / n + d * (d + 1) / (4 * n)
         assert 0.8 * expected < floor["mean"] < 1.2 * expected, (n, floor, expected)
         assert floor["num_samples"] == n and floor["draws"] == 40 and floor["sd"] > 0
+
+
+def test_the_floor_is_each_draw_scored_as_fid_scores_it():
+    """Both routes of the one-reference distances (N x N Gram below D, D x D above) give, draw by
+    draw, the plain FID of the drawn images (with repeats where the held-out set is small)."""
+    rng = np.random.default_rng(3)
+    for n, m in ((6, 40), (60, 40)):  # N < D, and N > held-out images (drawn with repeats)
+        stats = held_out(d=16, m=m, seed=2)
+        root = rng.standard_normal((16, 16))
+        stats.mu, stats.sigma = rng.standard_normal(16), root @ root.T / 16
+        for draw in ("uniform", "balanced"):
+            subsets = floor_subsets(stats.floor_labels, n, draw, draws=4, seed=0)
+            plain = [
+                frechet_distance(c.mean(0), np.cov(c, rowvar=False), stats.mu, stats.sigma)
+                for c in (stats.floor_features[s] for s in subsets)
+            ]
+            floor = fid_floor(stats, n, draw, draws=4, seed=0)
+            assert floor["mean"] == pytest.approx(np.mean(plain), rel=1e-7)  # float64 rounding of two eig routes
+            assert floor["sd"] == pytest.approx(np.std(plain, ddof=1), rel=1e-5)
 
 
 def test_balanced_floor_subsets_hold_every_class_equally_often_without_repeats():

@@ -11,8 +11,9 @@ statistics (``ReferenceStats.floor_features``); the floor at any N is then a mat
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from ditlab.metrics.frechet import frechet_distance
+from ditlab.metrics.frechet import frechet_distances_to_reference
 from ditlab.metrics.reference import ReferenceStats
 
 FLOOR_DRAWS = 10  # subsets of held-out images per floor: its mean and its spread
@@ -44,10 +45,11 @@ def fid_floor(reference: ReferenceStats, n: int, class_draw: str, draws: int = F
     against ``reference``'s statistics; an empty dict when the reference stores no held-out features."""
     if reference.floor_features is None or len(reference.floor_features) < 2:
         return {}
-    features = np.asarray(reference.floor_features, dtype=np.float64)
-    values = []
-    for subset in floor_subsets(np.asarray(reference.floor_labels), n, class_draw, draws, seed):
-        chosen = features[subset]
-        mu, sigma = chosen.mean(axis=0), np.cov(chosen, rowvar=False)
-        values.append(frechet_distance(mu, sigma, reference.mu, reference.sigma))
+    features = torch.as_tensor(np.asarray(reference.floor_features, dtype=np.float64))  # (held-out, D)
+    subsets = floor_subsets(np.asarray(reference.floor_labels), n, class_draw, draws, seed)
+    counts = torch.stack([torch.bincount(torch.as_tensor(s), minlength=len(features)) for s in subsets])
+    # counts: (draws, held-out), how often each held-out image is in each draw
+    # every draw against the reference's square root, taken once (at N < D through the N x N Gram
+    # matrix): one D x D root instead of one per draw
+    values = frechet_distances_to_reference(features, counts, reference.mu, reference.sigma).tolist()
     return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)), "draws": draws, "num_samples": n}

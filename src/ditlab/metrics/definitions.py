@@ -48,7 +48,8 @@ class Gaussian:
         return cls(features.mean(axis=0, dtype=np.float64), np.cov(features, rowvar=False, dtype=np.float64))
 
     def distance(self, other: Gaussian) -> float:
-        return frechet_distance(self.mu, self.sigma, other.mu, other.sigma)
+        """The Fréchet distance to ``other``, a reference: its root is taken once for every use."""
+        return frechet_distance(self.mu, self.sigma, other.mu, other.sigma, root2=other.root)
 
     @cached_property
     def root(self) -> np.ndarray:

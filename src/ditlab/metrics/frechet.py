@@ -19,20 +19,22 @@ import torch
 SYMMETRY_RTOL = 1e-6
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """Squared Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2); mu (D,), sigma (D, D)."""
+def frechet_distance(mu1, sigma1, mu2, sigma2, root2: np.ndarray | None = None) -> float:
+    """Squared Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2); mu (D,), sigma (D, D).
+    ``root2``: sigma2^{1/2} where it is already known (a reference's, taken once for all its uses)."""
     mu1, sigma1 = validated_gaussian(mu1, sigma1, "1")
     mu2, sigma2 = validated_gaussian(mu2, sigma2, "2")
     if mu1.shape != mu2.shape:
         raise ValueError(f"mu1 has shape {mu1.shape} but mu2 {mu2.shape}; expected Gaussians of one dimension")
     diff = mu1 - mu2  # (D,)
-    cross = trace_sqrt_product(sigma1, sigma2)
+    cross = trace_sqrt_product(sigma2, sigma1, root2)  # tr sqrt(S2 S1) = tr sqrt(S1 S2): one spectrum
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * cross)
 
 
-def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
-    """tr(sqrt(S1 S2)) for symmetric PSD S1, S2 (D, D), through the symmetric S1^{1/2} S2 S1^{1/2}."""
-    root1 = psd_sqrt(sigma1)  # (D, D)
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, root1: np.ndarray | None = None) -> float:
+    """tr(sqrt(S1 S2)) for symmetric PSD S1, S2 (D, D), through the symmetric S1^{1/2} S2 S1^{1/2}
+    (``root1``: S1^{1/2}, when known)."""
+    root1 = psd_sqrt(sigma1) if root1 is None else root1  # (D, D)
     inner = root1 @ sigma2 @ root1  # (D, D), PSD; similar to S1 S2 where S1 is invertible
     inner = (inner + inner.T) / 2  # the products leave rounding-level asymmetry; eigvalsh reads one triangle
     eigenvalues = np.linalg.eigvalsh(inner).clip(min=0.0)  # rounding makes zero eigenvalues slightly negative

@@ -137,7 +137,8 @@ def test_export_of_an_official_checkpoint_loads_in_dit_pipeline_offline(tmp_path
 
 def test_ditlab_command_runs_help_for_every_subcommand(tmp_path, capsys):
     """`ditlab <command> --help` for every command (in this process: a fresh one costs seconds of
-    imports each); the console script itself in a fresh process, once."""
+    imports each); the console script itself in a fresh process, once (its listing: Hydra's help of
+    a command reads every config group, ~10 s on 2 cores)."""
     pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     assert 'ditlab = "ditlab.cli:main"' in pyproject
     main(["--help"])
@@ -155,5 +156,5 @@ def test_ditlab_command_runs_help_for_every_subcommand(tmp_path, capsys):
             main([name, "--help"])
         out = capsys.readouterr().out
         assert exit_.value.code in (0, None) and ("Powered by Hydra" in out or "usage:" in out), name
-    result = run_ditlab(["sample", "--help"], cwd=tmp_path)
-    assert result.returncode == 0 and "Powered by Hydra" in result.stdout, result.stderr[-2000:]
+    result = run_ditlab(["--help"], cwd=tmp_path)  # the console script's entry point (the commands: above)
+    assert result.returncode == 0 and result.stdout.startswith("usage: ditlab <command>"), result.stderr[-2000:]

@@ -199,6 +199,7 @@ def _items(prepared: Path, split: str) -> list[tuple[bytes, int]]:
 
 
 # ------------------------------------------------------------------------------------------ the tests
+@pytest.mark.slow  # two 2-node launches (~60 s on 2 cores): make test-slow, which CI runs after make test
 def test_two_torchrun_nodes_prepare_then_train_to_the_one_node_weights(space, torchrun_run, one_node_run, prepared):
     run, logs, _, _ = torchrun_run
     root, _, latents = space
@@ -223,6 +224,7 @@ def test_two_torchrun_nodes_prepare_then_train_to_the_one_node_weights(space, to
     assert "num_classes: 3" in stored["config_yaml"] and stored["classes"] == ["cat", "dog", "fox"]
 
 
+@pytest.mark.slow  # the 2-node run above
 def test_non_logging_steps_run_no_collective_but_the_gradients(torchrun_run):
     _, _, probe, _ = torchrun_run
     for rank in (0, 1):
@@ -252,6 +254,7 @@ def test_two_srun_tasks_train_to_the_one_node_weights(space, torchrun_run, one_n
     print(f"\nmulti-node runs (s): {times}")
 
 
+@pytest.mark.slow  # a 2-node launch (~40 s); in make test: test_preemption.py (one process) and test_kill9.py
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(space, one_node_run):
     """SIGTERM to task 1 alone, at the end of step 1: the ranks agree at step 2 (the next logging
     step, no collective before), both stop there with one checkpoint and exit 75; relaunched, they

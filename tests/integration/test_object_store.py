@@ -343,6 +343,7 @@ def test_an_unreachable_store_is_one_line_naming_the_url(prepared, tmp_path, mon
     assert not (tmp_path / "p").exists() and not (tmp_path / "t").exists()
 
 
+@pytest.mark.slow  # two prepare processes (~20 s on 2 cores): make test-slow, with the other multi-node tests
 def test_two_nodes_without_a_shared_filesystem_prepare_one_dir_in_the_store(s3_server, bucket, tmp_path):
     """Two "nodes" (rank 0 and 1 of 2, each with its own cache dir) prepare one dir in the store: rank 0
     trains the small VAE and hands it over through the store, each rank uploads its own shards, rank 0

@@ -412,3 +412,40 @@ def test_spawned_loader_workers_read_the_store_as_forked_ones(prepared, bucket, 
     assert len(spawned) == len(forked) > 0
     for (latent, label), (expected, expected_label) in zip(spawned, forked):
         assert torch.equal(latent, expected) and torch.equal(label, expected_label)
+
+
+def test_later_epochs_read_the_cache_each_chunk_fetched_once_and_decoded_whole(bucket, tmp_path, monkeypatch):
+    """Issue 31: two workers, two epochs through one persistent loader. Each chunk is fetched once (the
+    cache keeps it; the chunk both workers' slices share is fetched by one of them), and a remote split is
+    decoded a whole chunk at a time: litdata does not memory-map a shared chunk, and its windowed decoding
+    re-read the whole file per window (later epochs fell to first-epoch speed)."""
+    from ditlab.data.datamodule import LatentDataModule
+    from ditlab.data.shards import ShardWriter
+
+    local = tmp_path / "local"
+    writer = ShardWriter(local / "train", chunk_bytes="8KB")  # ~7 items a chunk
+    block = np.random.default_rng(0).standard_normal((2, 2, 4, 8, 8)).astype(np.float16)  # 1 KB
+    for i in range(96):
+        writer.add(block, i % 10)
+    writer.finish()
+    meta = {"num_classes": 10, "latent_shape": [4, 8, 8], "vae": {"kind": "identity", "scale_factor": 0.5}}
+    PreparedDir(local).write_meta({**meta, "splits": {"train": {"count": 96}}})
+    url = f"s3://{bucket}/chunks"
+    publish(local, url)
+    log, real = tmp_path / "fetched.txt", storage.download_file
+
+    def counted(remote, path):  # the workers are forked: they append to one file
+        with log.open("a") as f:
+            f.write(remote + "\n")
+        real(remote, path)
+
+    monkeypatch.setattr(storage, "download_file", counted)
+    dm = LatentDataModule(url, batch_size=4, num_workers=2, pin_memory=False)
+    loader = dm.train_dataloader()
+    sizes = [sum(len(batch["label"]) for batch in loader) for _epoch in range(2)]
+
+    assert sizes[0] == sizes[1] > 0
+    chunks = [c["filename"] for c in json.loads((local / "train" / "index.json").read_text())["chunks"]]
+    fetched = [line.rsplit("/", 1)[-1] for line in log.read_text().split() if "/train/chunk-" in line]
+    assert len(chunks) > 4 and sorted(fetched) == sorted(chunks)
+    assert dm.train_set.batch_decode == "chunk"

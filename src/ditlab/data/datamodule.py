@@ -253,6 +253,14 @@ class LatentDataModule(LightningDataModule):
         if self.prepared.remote:
             storage.stream_s3_with_ditlab()
             remote = {"cache_dir": self._chunk_cache()}  # litdata adds <hash of the URL>/<index version>
+            # Why (issue 31): litdata memory-maps a cached chunk only when one worker reads it; the
+            # chunk two workers share is read from the file in decode windows of ~256 items, each
+            # window re-reading the WHOLE chunk (PyTreeLoader._fill_decode_window_path). The second
+            # worker's slice starts mid-chunk, so its shuffled blocks straddle two windows and it
+            # re-reads the chunk every few items: 125-280 reads of ~60 MB in an epoch whose shuffle put
+            # a full-size chunk there (epochs 3+ fell to first-epoch speed; nothing was re-downloaded).
+            # Whole-chunk decoding reads it once per visit; same order, one decoded chunk per worker.
+            remote["batch_decode"] = "chunk"
         elif not (Path(location) / "index.json").is_file():
             raise FileNotFoundError(f"split {split!r} missing in {self.path}: expected {location}/index.json")
         return StreamingDataset(

@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
+from filelock import FileLock  # installed with torch and litdata
+
 SCHEME = "s3://"
 DEFAULT_MAX_ATTEMPTS = 10  # botocore's own default (3) gives up within a few seconds of a network blip
 DESCRIPTOR_SUFFIX = ".json"  # a folder's descriptor files go up after its payload (they mark it complete)
@@ -326,7 +328,14 @@ def _chunk_downloader_class():
             super().__init__(remote_dir, cache_dir, chunks, storage_options)
 
         def download_file(self, remote_filepath: str, local_filepath: str) -> None:
-            if not os.path.exists(local_filepath):
-                download_file(remote_filepath, Path(local_filepath))
+            if os.path.exists(local_filepath):
+                return
+            # The chunk at the boundary of two workers' slices is asked for by both: the second waits
+            # for the first's copy instead of fetching it again (litdata's own S3 downloader takes the
+            # same lock file; its force-download defers to whoever holds it).
+            Path(local_filepath).parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(local_filepath + ".lock"):
+                if not os.path.exists(local_filepath):
+                    download_file(remote_filepath, Path(local_filepath))
 
     return ChunkDownloader

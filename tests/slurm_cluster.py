@@ -25,6 +25,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from ports import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "sinfo", "scancel", "scontrol")
 NODE_CPUS = 8  # more than the machine's cores (config_overrides): a sweep's 2-task jobs run side by side
@@ -43,14 +45,7 @@ def missing_binaries() -> list[str]:
 def _free_ports(count: int, low: int = 30000, high: int = 45000) -> list[int]:
     ports: list[int] = []
     while len(ports) < count:
-        port = random.randint(low, high)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        if port not in ports:
-            ports.append(port)
+        ports.append(free_port(low, high, taken=tuple(ports)))
     return ports
 
 

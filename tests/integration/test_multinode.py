@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +25,7 @@ import pytest
 import torch
 
 from helpers import assert_same_state, cli_env, make_image_folder, read_meta, temps, tiny_overrides
+from ports import free_port
 
 TESTS = Path(__file__).resolve().parents[1]  # probes.py
 STEPS = 4  # log, agree on preemption and checkpoint every 2: steps 1 and 3 are the non-logging ones
@@ -34,18 +33,6 @@ LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER
 
 
 # ------------------------------------------------------------------------------------------ launching
-def free_port(low: int = 20000, high: int = 30000) -> int:
-    for _ in range(200):
-        port = random.randint(low, high)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {low}..{high}")
-
-
 def clean_env(**extra) -> dict:
     """The test's environment without any launcher's variables (a pytest run under SLURM or torchrun
     must not leak its ranks), tests/ on the path for the probes."""

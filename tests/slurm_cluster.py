@@ -30,7 +30,18 @@ from ports import free_port
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "sinfo", "scancel", "scontrol")
 NODE_CPUS = 8  # more than the machine's cores (config_overrides): a sweep's 2-task jobs run side by side
-PENDING_OR_RUNNING = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "RESIZING"}
+# Every state a job passes through before it ends. SIGNALING: slurmctld is delivering a --signal=SIG@N to a
+# running job (CI's poll saw it while the preempted test's job got its USR2 before the time limit)
+PENDING_OR_RUNNING = {
+    "PENDING",
+    "CONFIGURING",
+    "RUNNING",
+    "SIGNALING",
+    "COMPLETING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "RESIZING",
+}
 TIME_LIMIT_CHECK = "Testing job time limits"  # slurmctld's debug2 line, every 30 s: signals and limits
 
 

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
-from filelock import FileLock  # installed with torch and litdata
+from filelock import FileLock
 
 SCHEME = "s3://"
 DEFAULT_MAX_ATTEMPTS = 10  # botocore's own default (3) gives up within a few seconds of a network blip
